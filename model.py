@@ -1,0 +1,553 @@
+"""
+Decoder-only transformer for the Qwen3 family (also Llama and Qwen2 through config flags), Hub checkpoint I/O,
+the tokenizer with the Qwen3 chat format, and fast batched generation with a static KV cache.
+
+Shapes: B batch, T new tokens, S cache length, C hidden, H query heads, K key/value heads, G = H // K,
+D head dim, V vocabulary, L layers.
+"""
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import tokenizers
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+
+ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ENDOFTEXT, IM_START, IM_END, THINK, END_THINK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"
+SYNC_EVERY = 16  # generate() looks at the host-side "all finished?" flag only every this many steps
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "qwen3"  # 'qwen3' (q/k norm) | 'llama' (plain) | 'qwen2' (q/k/v bias); defaults: Qwen3-1.7B
+    vocab_size: int = 151936  # V, rows of the embedding (may exceed the tokenizer's size)
+    hidden_size: int = 2048  # C
+    intermediate_size: int = 6144  # SwiGLU width
+    num_hidden_layers: int = 28  # L
+    num_attention_heads: int = 16  # H
+    num_key_value_heads: int = 8  # K, grouped-query attention when K < H
+    head_dim: int = 128  # D
+    rms_norm_eps: float = 1e-6  # epsilon of every RMSNorm
+    rope_theta: float = 1e6  # rotary base
+    rope_scaling: dict | None = None  # None, or Llama 3.x {'rope_type': 'llama3', 'factor', 'low_freq_factor', ...}
+    max_position_embeddings: int = 40960  # longest sequence the model was trained for
+    tie_word_embeddings: bool = True  # lm_head reuses the embedding matrix
+    attention_bias: bool = False  # bias on q/k/v projections (and on o_proj, except in Qwen2)
+    qk_norm: bool = True  # per-head RMSNorm on queries and keys (Qwen3)
+
+    @classmethod
+    def from_hf(cls, path) -> "ModelConfig":
+        """Read a Hub config.json (Qwen3ForCausalLM, LlamaForCausalLM or Qwen2ForCausalLM)."""
+        file = Path(path) / "config.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
+        d = json.loads(file.read_text())
+        mt = d.get("model_type")
+        if mt not in ARCHITECTURES:
+            raise ValueError(f"unknown model_type {mt!r} in {file}; supported: {', '.join(ARCHITECTURES)}")
+        sliding = d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or [])
+        if d.get("hidden_act", "silu") != "silu" or d.get("mlp_bias") or sliding:
+            raise NotImplementedError(f"{file}: only SiLU MLPs without bias and full attention are implemented")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})  # newer transformers: rope_parameters
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise NotImplementedError(f"{file}: rope_type {rope_type!r} is not implemented (default, llama3 are)")
+        H = d["num_attention_heads"]
+        return cls(
+            model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=H, num_key_value_heads=d.get("num_key_value_heads") or H,
+            head_dim=d.get("head_dim") or d["hidden_size"] // H, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} if rope_type == "llama3" else None,
+            max_position_embeddings=d.get("max_position_embeddings", 32768),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            attention_bias=mt == "qwen2" or d.get("attention_bias", False), qk_norm=mt == "qwen3")
+
+    def to_hf(self) -> dict:
+        """The Hub config.json dict that transformers loads."""
+        d = {k: v for k, v in asdict(self).items() if k != "qk_norm"}
+        if self.model_type == "qwen2":
+            del d["attention_bias"]  # always on for Qwen2
+        return {"architectures": [ARCHITECTURES[self.model_type]], **d, "hidden_act": "silu"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+
+
+def rope_inv_freq(cfg: ModelConfig, device) -> torch.Tensor:
+    """Rotary frequencies [D/2] (float32), with Llama 3 long-context scaling when configured."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D)
+    if cfg.rope_scaling:  # llama3: divide low frequencies by `factor`, interpolate the middle band
+        s = cfg.rope_scaling
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        n0 = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > n0 / lo, inv_freq / factor, inv_freq)
+        smooth = (n0 / wavelen - lo) / (hi - lo)
+        middle = (wavelen >= n0 / hi) & (wavelen <= n0 / lo)
+        inv_freq = torch.where(middle, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return inv_freq
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache:
+    """Static K/V buffers [L,B,K,S,D] for one batch. Prompts are left-padded so every row writes the same column;
+    row b's tokens start at column pad[b], and its position is column - pad[b]."""
+
+    def __init__(self, cfg: ModelConfig, pad: torch.Tensor, S: int, dtype):
+        shape = (cfg.num_hidden_layers, len(pad), cfg.num_key_value_heads, S, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=pad.device)
+        self.v = torch.zeros_like(self.k)
+        self.pad = pad  # [B] long
+
+    def mask(self, cols):  # cols [T] -> [B,1,T,N], True where a query may attend (N = T for a prefill, else S)
+        keys = torch.arange(len(cols) if len(cols) > 1 else self.k.size(3), device=cols.device)
+        m = (keys >= self.pad[:, None, None]) & (keys <= cols[:, None])  # [B,T,N]
+        return (m | (keys == cols[:, None]))[:, None]  # attending to itself keeps left-pad queries finite
+
+    def select(self, rows):  # keep (or repeat) batch rows
+        self.k, self.v, self.pad = self.k[:, rows], self.v[:, rows], self.pad[rows]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.H, self.K, self.D = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C, HD, KD = cfg.hidden_size, self.H * self.D, self.K * self.D
+        self.q_proj = nn.Linear(C, HD, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(C, KD, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(C, KD, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(HD, C, bias=cfg.attention_bias and cfg.model_type != "qwen2")
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.D, cfg.rms_norm_eps), RMSNorm(self.D, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache=None, cols=None, mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.D)  # [B,T,H,D]
+        k = self.k_proj(x).view(B, T, self.K, self.D)  # [B,T,K,D]
+        v = self.v_proj(x).view(B, T, self.K, self.D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,H,T,D], [B,K,T,D]
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:  # write the new columns; a prefill attends within its own, a decode step over all
+            k = cache.k[self.layer].index_copy_(2, cols, k)  # [B,K,S,D]
+            v = cache.v[self.layer].index_copy_(2, cols, v)
+            if T > 1:
+                k, v = k[:, :, :T], v[:, :, :T]  # [B,K,T,D]
+        if T == 1 and mask is not None:  # decode: grouped matmuls read each K/V head once (no repeat for GQA)
+            qg = q.view(B, self.K, self.H // self.K, self.D)  # [B,K,G,D]
+            att = (qg @ k.transpose(2, 3)) * self.D**-0.5  # [B,K,G,S]
+            att = att.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+            y = (att @ v).view(B, self.H, 1, self.D)  # [B,H,1,D]
+        else:  # with a mask, repeat K/V heads: the GQA-aware flash kernel takes no mask, the mem-efficient one no GQA
+            if mask is not None:
+                k, v = k.repeat_interleave(self.H // self.K, 1), v.repeat_interleave(self.H // self.K, 1)  # [B,H,S,D]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, cols=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, cols, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Parameter names match the Hub's *ForCausalLM, so checkpoints load with a strict load_state_dict."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)))
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # when training, recompute each layer in the backward pass
+
+    @property
+    def output_weight(self) -> torch.Tensor:  # [V,C]
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, idx, return_hidden=False, cache: KVCache | None = None, cols=None):
+        """idx [B,T] -> logits [B,T,V] in the model's dtype (callers upcast; a float32 copy of a 150k vocabulary
+        would be huge), or the final-normed hidden states [B,T,C] if return_hidden. Without a cache: causal attention
+        from position 0 (right padding is harmless). With a cache: idx fills columns cols [T] of it (a prefill: all
+        of 0..T-1; a decode step: one column) and only the last position is returned ([B,1,V])."""
+        B, T = idx.shape
+        if cache is None:
+            pos, mask = torch.arange(T, device=idx.device)[None], None  # [1,T]
+        else:
+            pos, mask = cols[None] - cache.pad[:, None], cache.mask(cols)  # [B,T], [B,1,T,S]
+        x = self.model.embed_tokens(idx)  # [B,T,C]
+        freqs = pos[..., None].float() * rope_inv_freq(self.config, idx.device)  # [B,T,D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B,1,T,D], broadcast over heads
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache, cols, mask)
+        if cache is not None:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        return x if return_hidden else F.linear(x, self.output_weight)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints (Hub layout)
+
+
+def _read_weights(path: Path, device) -> dict:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    sd = {}
+    for f in files:
+        if not (path / f).is_file():
+            raise FileNotFoundError(f"checkpoint shard {f} listed in {index} is missing")
+        sd.update(load_file(path / f, device=str(device)))
+    return sd
+
+
+def load(path_or_name, device="cpu", dtype=torch.float32):
+    """Load a Hub-layout checkpoint directory (or 'tiny', the offline preset) -> (Transformer, Tokenizer)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    path = tiny_dir() if str(path_or_name) == "tiny" else Path(path_or_name)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    cfg = ModelConfig.from_hf(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = model.state_dict()
+    sd = {}
+    for k, v in _read_weights(path, device).items():
+        if k.endswith("rotary_emb.inv_freq") or (k == "lm_head.weight" and cfg.tie_word_embeddings):
+            continue  # recomputed / tied to the embedding
+        if not v.is_floating_point():
+            raise TypeError(f"tensor {k} in {path} has unsupported dtype {v.dtype}; expected a float type")
+        if k in expected and v.shape != expected[k].shape:
+            raise ValueError(f"shape mismatch for {k}: checkpoint has {tuple(v.shape)}, "
+                             f"config.json implies {tuple(expected[k].shape)}")
+        sd[k] = v.to(dtype)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval(), Tokenizer(path)
+
+
+def save(model: Transformer, tokenizer: "Tokenizer", path):
+    """Write config.json, model.safetensors (tied: no lm_head.weight), tokenizer files and generation_config.json."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dtype = str(model.output_weight.dtype).removeprefix("torch.")
+    cfg = {**model.config.to_hf(), "torch_dtype": dtype, "dtype": dtype, "eos_token_id": tokenizer.stop_ids[0]}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    tokenizer.save(path)
+    gen = {"eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_id}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer and chat format
+
+
+class Tokenizer:
+    """tokenizer.json through the `tokenizers` library, plus the Qwen3 chat format written in code."""
+
+    def __init__(self, path):
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {path}")
+        self.tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        file = path / "tokenizer_config.json"
+        self.config = json.loads(file.read_text()) if file.is_file() else {}  # kept as is for save()
+
+        def named(key):  # tokenizer_config.json stores a token as a string or as {"content": ...}
+            t = self.config.get(key)
+            return t["content"] if isinstance(t, dict) else t
+
+        ids = [self.tok.token_to_id(t) for t in (IM_END, ENDOFTEXT, named("eos_token")) if t]
+        self.stop_ids = list(dict.fromkeys(i for i in ids if i is not None))  # generation stops on any of these
+        pads = [self.tok.token_to_id(t) for t in (named("pad_token"), ENDOFTEXT) if t]
+        self.pad_id = next((i for i in pads if i is not None), self.stop_ids[0] if self.stop_ids else 0)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids  # special tokens in the text map to their ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, path):
+        self.tok.save(str(Path(path) / "tokenizer.json"))
+        (Path(path) / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2))
+
+    def chat(self, messages: list[dict], thinking: bool | None = False, add_generation_prompt=True) -> str:
+        """Render like Qwen3's chat template. thinking True/False: hybrid Qwen3 with enable_thinking True/False
+        (False appends an empty think block to the generation prompt); None: Instruct-2507, which never thinks.
+        Hybrid mode drops the reasoning of assistant turns before the last user message, as the template does."""
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+        s = ""
+        for i, m in enumerate(messages):
+            content = m["content"]
+            if m["role"] == "assistant" and thinking is not None:
+                reasoning = ""
+                if END_THINK in content:
+                    reasoning = content.split(END_THINK)[0].rstrip("\n").split(THINK)[-1].lstrip("\n")
+                    content = content.split(END_THINK)[-1].lstrip("\n")
+                if i > last_user and (i == len(messages) - 1 or reasoning):
+                    reasoning, content = reasoning.strip("\n"), content.lstrip("\n")
+                    content = f"{THINK}\n{reasoning}\n{END_THINK}\n\n{content}"
+            s += f"{IM_START}{m['role']}\n{content}{IM_END}\n"
+        if add_generation_prompt:
+            s += f"{IM_START}assistant\n" + (f"{THINK}\n\n{END_THINK}\n\n" if thinking is False else "")
+        return s
+
+
+def strip_thinking(text: str) -> str:
+    """The answer after a <think>...</think> block (or after a dangling </think>); '' if thinking never ended."""
+    if END_THINK in text:
+        return text.split(END_THINK)[-1].strip()
+    return "" if THINK in text else text.strip()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+@dataclass
+class Completion:
+    tokens: list[int]  # new tokens, the stop token included if one was hit
+    text: str  # decoded tokens without the stop token
+    logprobs: list[float]  # log-prob of each token under softmax(logits / temperature) (softmax(logits) if greedy)
+    stopped: bool  # a stop token ended it (else max_new_tokens did)
+
+
+def sample(logits, temperature, top_p, top_k, generator):
+    """logits [B,V] float32 -> (tokens [B], their log-probs under softmax(logits / temperature) [B]); no host sync."""
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
+    logits = logits / temperature
+    vals, idx = logits, None  # candidate logits [B,N] and their token ids (None: all V tokens)
+    if top_k > 0:
+        vals, idx = logits.topk(min(top_k, logits.size(-1)), dim=-1)  # sorted, descending
+    elif top_p < 1:
+        vals, idx = logits.sort(dim=-1, descending=True)
+    if top_p < 1:  # keep the smallest head of the sorted list whose probability reaches top_p
+        probs = vals.softmax(-1)
+        vals = vals.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+    probs = vals.softmax(-1)
+    noise = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)  # argmax(p / Exp(1)) ~ p
+    choice = (probs / noise).argmax(-1)
+    tok = choice if idx is None else idx.gather(-1, choice[:, None])[:, 0]
+    return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
+
+
+class DecodeStep:
+    """One decode step: tokens [B] written at cache column col [1] -> next-token logits [B,V] float32.
+    On CUDA it is recorded as a CUDA graph on first use and then replayed (one launch instead of ~30 kernels per
+    layer); on CPU it runs eagerly."""
+
+    def __init__(self, model: Transformer, cache: KVCache):
+        self.fn = lambda tok, col: model(tok[:, None], cache=cache, cols=col)[:, -1].float()
+        self.spare_col = cache.k.size(3) - 1  # never attended to: generate() sizes the cache one column larger
+        self.graph = None
+
+    def __call__(self, tok, col):
+        if not tok.is_cuda:
+            return self.fn(tok, col)
+        if self.graph is None:  # warm-up and recording run on static inputs that write the spare column
+            self.tok, self.col = tok.clone(), torch.full_like(col, self.spare_col)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.fn(self.tok, self.col)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.fn(self.tok, self.col)
+        self.tok.copy_(tok)
+        self.col.copy_(col)
+        self.graph.replay()
+        return self.logits
+
+
+@torch.no_grad()
+def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], max_new_tokens=1024,
+             temperature=0.7, top_p=1.0, top_k=0, seed=0) -> list[Completion]:
+    """Sample a completion for each prompt (temperature 0: greedy) until a stop token or max_new_tokens.
+    Mixed prompt lengths give the same results as one-by-one (left padding, per-row positions, masked pads)."""
+    if not prompts:
+        return []
+    device, dtype = model.output_weight.device, model.output_weight.dtype
+    uniq = list(dict.fromkeys(tuple(p) for p in prompts))  # prefill each distinct prompt once
+    where = {p: i for i, p in enumerate(uniq)}
+    P = max(len(p) for p in uniq)
+    idx = torch.full((len(uniq), P), tokenizer.pad_id, dtype=torch.long)  # [U,P], left-padded
+    for i, p in enumerate(uniq):
+        idx[i, P - len(p):] = torch.tensor(p)
+    pad = torch.tensor([P - len(p) for p in uniq], device=device)
+    cache = KVCache(model.config, pad, P + max_new_tokens, dtype)  # one spare column at the end
+    logits = model(idx.to(device), cache=cache, cols=torch.arange(P, device=device))[:, -1].float()  # [U,V]
+    if len(uniq) < len(prompts):  # copy each prompt's K/V to the rows that sample from it
+        rows = torch.tensor([where[tuple(p)] for p in prompts], device=device)
+        cache.select(rows)
+        logits = logits[rows]  # [B,V]
+
+    B = len(prompts)
+    generator = torch.Generator(device).manual_seed(seed)
+    stop = torch.tensor(tokenizer.stop_ids, dtype=torch.long, device=device)
+    out = torch.full((B, max_new_tokens), tokenizer.pad_id, device=device)
+    logps = torch.zeros(B, max_new_tokens, device=device)
+    rows = torch.arange(B, device=device)  # original index of each row still in the batch
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    col = torch.tensor([P], device=device)  # cache column of the next token
+    step = DecodeStep(model, cache)
+    for t in range(max_new_tokens):
+        tok, lp = sample(logits, temperature, top_p, top_k, generator)  # [b], [b]
+        out[rows, t], logps[rows, t] = tok, lp
+        done |= torch.isin(tok, stop)
+        if t == max_new_tokens - 1:
+            break
+        if (t + 1) % SYNC_EVERY == 0:
+            live = (~done).nonzero()[:, 0]  # the only host sync
+            if len(live) == 0:
+                break
+            if len(live) <= len(rows) // 2:  # drop finished rows once they are half the batch
+                rows, done, tok = rows[live], done[live], tok[live]
+                cache.select(live)
+                step = DecodeStep(model, cache)
+        logits = step(tok, col)
+        col += 1
+
+    stops, completions = set(tokenizer.stop_ids), []
+    for toks, lps in zip(out.tolist(), logps.tolist()):
+        n = next((i + 1 for i, x in enumerate(toks) if x in stops), max_new_tokens)  # cut after the first stop
+        stopped = toks[n - 1] in stops
+        text = tokenizer.decode(toks[:n - 1] if stopped else toks[:n])
+        completions.append(Completion(toks[:n], text, lps[:n], stopped))
+    return completions
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The 'tiny' preset: a random Qwen3-shaped model with a locally trained byte-level BPE tokenizer
+
+
+TINY = ModelConfig(vocab_size=1024, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192)
+TINY_VERSION = 1  # bump when make_tiny changes so cached copies are rebuilt
+
+
+def _tiny_corpus(rng: random.Random) -> list[str]:
+    words = ("up down left right move push box goal target hole ice frozen lake wall floor player agent grid cell "
+             "row column step steps turn action actions reward win won lose lost game episode state observation "
+             "experience knowledge lesson learned strategy avoid reach go north south east west take open door key "
+             "room inventory look examine the a an you are is at on in to of and or not it this that your valid "
+             "invalid answer think current position next best should must never always first then because").split()
+    lines = []
+    for _ in range(3000):
+        kind = rng.random()
+        if kind < 0.5:
+            lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))).capitalize() + ".")
+        elif kind < 0.7:
+            lines.append("\n".join("".join(rng.choice("#_.@$*+OXPFHGS ") for _ in range(6)) for _ in range(4)))
+        elif kind < 0.85:
+            a = rng.choice(["up", "down", "left", "right", "Up", "Down", "Left", "Right"])
+            lines.append(rng.choice([f"Action: {a}", f"<answer>{a}</answer>", f"[{a}]", f"({rng.randint(0, 9)}, "
+                                     f"{rng.randint(0, 9)})", f"I will move {a}.", f"{{\"action\": \"{a}\"}}"]))
+        else:
+            lines.append(f"Experience {rng.randint(1, 99)}: " + " ".join(rng.choice(words) for _ in range(8)) + ".")
+    return lines
+
+
+def make_tiny(path, seed=0):
+    """Write the tiny preset (random float32 weights that are exact in bf16, BPE tokenizer) to path, Hub layout."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=TINY.vocab_size - 2, special_tokens=[ENDOFTEXT, IM_START, IM_END], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_tiny_corpus(random.Random(seed)), trainer)
+    tok.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False) for t in (THINK, END_THINK)])
+    tok.save(str(path / "tokenizer.json"))
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": IM_END,
+               "pad_token": ENDOFTEXT, "model_max_length": TINY.max_position_embeddings}
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+
+    cfg = replace(TINY, vocab_size=-(-tok.get_vocab_size() // 64) * 64)  # padded to a multiple of 64, like Qwen
+    model, gen = Transformer(cfg), torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:  # norms stay at 1
+                p.normal_(0, 0.02, generator=gen)
+                p.copy_(p.bfloat16().float())
+    save(model, Tokenizer(path), path)
+
+
+def tiny_dir() -> Path:
+    """The tiny preset's directory in the cache ($OEL_CACHE, default ~/.cache/oel), built on first use."""
+    cache = Path(os.environ.get("OEL_CACHE", Path.home() / ".cache" / "oel"))
+    path = cache / f"tiny-v{TINY_VERSION}"
+    if not (path / "config.json").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache))
+        tmp.chmod(0o755)
+        make_tiny(tmp)
+        try:
+            tmp.rename(path)  # atomic: concurrent builders race harmlessly
+        except OSError:
+            shutil.rmtree(tmp)
+    return path

@@ -1,0 +1,345 @@
+import copy
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import model as M
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+HF_CONFIGS = {
+    "qwen3-tied": lambda: transformers.Qwen3Config(**SMALL, tie_word_embeddings=True, rope_theta=1e6),
+    "qwen3-untied": lambda: transformers.Qwen3Config(**SMALL, tie_word_embeddings=False),
+    "llama-tied": lambda: transformers.LlamaConfig(**SMALL, tie_word_embeddings=True),
+    "llama3-untied": lambda: transformers.LlamaConfig(**SMALL, tie_word_embeddings=False, rope_scaling=LLAMA3_ROPE),
+    "qwen2-tied": lambda: transformers.Qwen2Config(**{k: v for k, v in SMALL.items() if k != "head_dim"},
+                                                   tie_word_embeddings=True),
+}
+
+
+def hf_model(name, seed=0):
+    torch.manual_seed(seed)
+    m = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[name](), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():  # random norms and biases too, so they are tested
+            p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    return m
+
+
+def hf_logits(m, idx):
+    with torch.no_grad():
+        return m(idx).logits
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and do not stall in OpenMP barriers when the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return M.load("tiny")
+
+
+@pytest.fixture(scope="module")
+def lm(tiny):
+    """A random untied model over the tiny tokenizer whose greedy outputs are varied (unlike a tied 0.02-init one)."""
+    torch.manual_seed(0)
+    m = M.Transformer(replace(tiny[0].config, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    return m, tiny[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parity with transformers
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_load_matches_transformers(name, tmp_path, tiny):
+    """Hub checkpoints saved by transformers load strictly and give the same float32 logits."""
+    ref = hf_model(name)
+    ref.save_pretrained(tmp_path)
+    tiny[1].save(tmp_path)  # load() also wants a tokenizer
+    ours, _ = M.load(tmp_path)
+    idx = torch.randint(0, 128, (2, 13))
+    with torch.no_grad():
+        diff = (ours(idx) - hf_logits(ref, idx)).abs().max().item()
+    assert diff < 1e-5, diff
+
+
+@pytest.mark.parametrize("name", ["qwen3-tied", "llama3-untied", "qwen2-tied"])
+def test_save_loads_in_transformers(name, tmp_path, tiny):
+    """save() writes a Hub checkpoint that transformers loads to the same logits (tied: no lm_head.weight)."""
+    ref = hf_model(name)
+    ref.save_pretrained(tmp_path / "hf")
+    tiny[1].save(tmp_path / "hf")
+    ours, tok = M.load(tmp_path / "hf")
+    M.save(ours, tok, tmp_path / "ours")
+    assert ("lm_head.weight" in load_file(tmp_path / "ours" / "model.safetensors")) == (name == "llama3-untied")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    idx = torch.randint(0, 128, (2, 13))
+    with torch.no_grad():
+        assert (hf_logits(back, idx) - ours(idx)).abs().max().item() < 1e-5
+
+
+def test_sharded_checkpoint(tmp_path, tiny):
+    """A sharded checkpoint (model.safetensors.index.json) loads."""
+    ref = hf_model("qwen3-untied")
+    ref.save_pretrained(tmp_path, max_shard_size="40KB")
+    tiny[1].save(tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours, _ = M.load(tmp_path)
+    idx = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        assert (ours(idx) - hf_logits(ref, idx)).abs().max().item() < 1e-5
+
+
+def test_rope_theta_from_either_key(tmp_path):
+    """rope_theta is read from the top-level key (older configs) or from rope_parameters (newer transformers)."""
+    base = {"model_type": "qwen3", **SMALL}
+    for extra in ({"rope_theta": 12345.0}, {"rope_parameters": {"rope_type": "default", "rope_theta": 12345.0}}):
+        (tmp_path / "config.json").write_text(json.dumps({**base, **extra}))
+        assert M.ModelConfig.from_hf(tmp_path).rope_theta == 12345.0
+    (tmp_path / "config.json").write_text(json.dumps({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    with pytest.raises(NotImplementedError, match="yarn"):
+        M.ModelConfig.from_hf(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad checkpoints give clear errors
+
+
+@pytest.fixture
+def ckpt(tmp_path, tiny):
+    M.save(*tiny, tmp_path)
+    return tmp_path
+
+
+def test_error_missing_dir(tmp_path):
+    """A missing directory or config.json is named."""
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        M.load(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        M.load(tmp_path)
+
+
+def test_error_missing_shard(tmp_path, tiny):
+    """A shard listed in the index but absent is named."""
+    hf_model("qwen3-untied").save_pretrained(tmp_path, max_shard_size="40KB")
+    tiny[1].save(tmp_path)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"shard {shard.name} .* missing"):
+        M.load(tmp_path)
+
+
+def test_error_dtype(ckpt):
+    """A non-float dtype argument, or an integer tensor in the file, is rejected."""
+    with pytest.raises(TypeError, match="floating-point"):
+        M.load(ckpt, dtype=torch.int64)
+    sd = load_file(ckpt / "model.safetensors")
+    sd["model.norm.weight"] = sd["model.norm.weight"].long()
+    save_file(sd, ckpt / "model.safetensors")
+    with pytest.raises(TypeError, match="model.norm.weight .* dtype torch.int64"):
+        M.load(ckpt)
+
+
+def test_error_model_type_and_shape(ckpt):
+    """An unknown model_type, and weights that do not match config.json, are named."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="unknown model_type 'gpt2'"):
+        M.load(ckpt)
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 100}))
+    with pytest.raises(ValueError, match=r"shape mismatch for model.layers.0.mlp.\w+_proj.weight"):
+        M.load(ckpt)
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        M.load(ckpt)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def naive_greedy(model, prompt, n, stops=()):
+    """Reference: re-run the whole sequence without a cache for every token."""
+    seq, logps = list(prompt), []
+    for _ in range(n):
+        logits = model(torch.tensor([seq]))[0, -1].float()
+        seq.append(logits.argmax().item())
+        logps.append(logits.log_softmax(-1)[seq[-1]].item())
+        if seq[-1] in stops:
+            break
+    return seq[len(prompt):], logps
+
+
+PROMPTS = [[1, 50, 60, 70, 80, 90, 100, 2, 201], [1, 7, 8], [1, *range(300, 311), 11], [1, 400]]
+
+
+@torch.no_grad()
+def test_cached_batched_greedy_equals_naive(lm):
+    """Batched cached greedy decoding with mixed prompt lengths equals uncached one-by-one decoding, log-probs too."""
+    model, tok = lm
+    tok = copy.copy(tok)
+    tok.stop_ids = []
+    outs = M.generate(model, tok, PROMPTS, max_new_tokens=24, temperature=0)
+    for p, out in zip(PROMPTS, outs):
+        ref, ref_lp = naive_greedy(model, p, 24)
+        assert out.tokens == ref and not out.stopped
+        assert torch.allclose(torch.tensor(out.logprobs), torch.tensor(ref_lp), atol=1e-4)
+        assert out.text == tok.decode(ref)
+    single = M.generate(model, tok, PROMPTS[2:3], max_new_tokens=24, temperature=0)
+    assert single[0].tokens == outs[2].tokens
+
+
+@torch.no_grad()
+def test_stop_tokens_and_compaction(lm):
+    """Rows end at their first stop token (kept in tokens, dropped from text); finished rows are dropped
+    from the batch mid-way without changing the others."""
+    model, tok = lm
+    prompts = [[1, 10 + i, 20 + 3 * i] for i in range(8)] + [PROMPTS[0]] * 2  # duplicates share one prefill
+    refs = [naive_greedy(model, p, 40)[0] for p in prompts]
+    tok = copy.copy(tok)
+    tok.stop_ids = sorted({r[3] for r in refs[:6]})  # most rows stop early, so the batch gets compacted at step 16
+    outs = M.generate(model, tok, prompts, max_new_tokens=40, temperature=0)
+    for ref, out in zip(refs, outs):
+        n = next((i + 1 for i, x in enumerate(ref) if x in tok.stop_ids), len(ref))
+        assert out.tokens == ref[:n] and len(out.logprobs) == n
+        assert out.stopped == (ref[n - 1] in tok.stop_ids)
+        assert out.text == tok.decode(ref[:n - 1] if out.stopped else ref)
+    assert sum(o.stopped for o in outs) >= 6 and not all(o.stopped for o in outs)
+
+
+@torch.no_grad()
+def test_sampling(lm):
+    """Sampling is reproducible per seed, top_k=1 is greedy, log-probs are those of softmax(logits / temperature)."""
+    model, tok = lm
+    kw = dict(max_new_tokens=20, temperature=0.8, top_p=0.9, top_k=50)
+    a, b = M.generate(model, tok, PROMPTS, seed=1, **kw), M.generate(model, tok, PROMPTS, seed=1, **kw)
+    c = M.generate(model, tok, PROMPTS, seed=2, **kw)
+    assert [x.tokens for x in a] == [x.tokens for x in b] != [x.tokens for x in c]
+    for p, out in zip(PROMPTS, a):
+        logits = model(torch.tensor([p + out.tokens]))[0, len(p) - 1:-1].float() / 0.8
+        ref = logits.log_softmax(-1).gather(-1, torch.tensor(out.tokens)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(out.logprobs), ref, atol=1e-4)
+    greedy = M.generate(model, tok, PROMPTS, max_new_tokens=12, temperature=0)
+    top1 = M.generate(model, tok, PROMPTS, max_new_tokens=12, temperature=1.0, top_k=1)
+    assert [x.tokens for x in greedy] == [x.tokens for x in top1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_cuda_graph_decode_matches_cpu(lm):
+    """The CUDA-graph decode path gives the CPU's greedy tokens, with and without mid-way compaction."""
+    model, tok = lm
+    tok = copy.copy(tok)
+    prompts = [[1, 10 + i, 20 + 3 * i] for i in range(8)] + PROMPTS
+    tok.stop_ids = sorted({r.tokens[3] for r in M.generate(model, tok, prompts[:6], 8, temperature=0)})
+    cpu = M.generate(model, tok, prompts, max_new_tokens=40, temperature=0)
+    gpu = M.generate(copy.deepcopy(model).cuda(), tok, prompts, max_new_tokens=40, temperature=0)
+    assert [o.tokens for o in cpu] == [o.tokens for o in gpu]
+
+
+def test_top_p_keeps_smallest_head():
+    """top_p keeps the smallest set of most likely tokens whose probability reaches top_p."""
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().expand(2000, 4)
+    gen = torch.Generator().manual_seed(0)
+    tok, _ = M.sample(logits, 1.0, 0.75, 0, gen)
+    assert set(tok.tolist()) == {0, 1}
+    tok, _ = M.sample(logits, 1.0, 0.85, 0, gen)
+    assert set(tok.tolist()) == {0, 1, 2}
+    assert abs((tok == 0).float().mean().item() - 0.5 / 0.95) < 0.05
+
+
+def test_max_new_tokens_and_bf16():
+    """max_new_tokens bounds the output; the tiny preset generates in bfloat16 too."""
+    model, tok = M.load("tiny", dtype=torch.bfloat16)
+    outs = M.generate(model, tok, [tok.encode(tok.chat([{"role": "user", "content": "Go left."}]))] * 3,
+                      max_new_tokens=7, temperature=1.0)
+    assert all(len(o.tokens) <= 7 and (o.stopped or len(o.tokens) == 7) for o in outs)
+
+
+def test_hidden_output_weight_and_checkpointing(lm):
+    """return_hidden @ output_weight.T gives the logits; gradient checkpointing gives the same gradients."""
+    model = copy.deepcopy(lm[0]).train()
+    idx = torch.randint(0, 1000, (2, 10))
+    assert torch.allclose(F.linear(model(idx, return_hidden=True), model.output_weight), model(idx), atol=1e-6)
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        model(idx).logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(g0, g1, atol=1e-6) for g0, g1 in zip(*grads))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer, chat format, tiny preset
+
+CONVERSATION = [{"role": "system", "content": "You are a player."}, {"role": "user", "content": "State A"},
+                {"role": "assistant", "content": "<think>\nplan\n</think>\n\nup"},
+                {"role": "user", "content": "State B"}]
+HISTORY = ("<|im_start|>system\nYou are a player.<|im_end|>\n<|im_start|>user\nState A<|im_end|>\n"
+           "<|im_start|>assistant\nup<|im_end|>\n<|im_start|>user\nState B<|im_end|>\n")
+
+
+def test_chat_format(tiny):
+    """Same strings as Qwen3's chat template (hybrid, enable_thinking False/True) and Instruct-2507's."""
+    tok = tiny[1]
+    assert tok.chat(CONVERSATION, thinking=False) == HISTORY + "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert tok.chat(CONVERSATION, thinking=True) == HISTORY + "<|im_start|>assistant\n"
+    instruct = [*CONVERSATION[:2], {"role": "assistant", "content": "up"}, CONVERSATION[3]]
+    assert tok.chat(instruct, thinking=None) == HISTORY + "<|im_start|>assistant\n"
+    assert tok.chat(CONVERSATION, thinking=True, add_generation_prompt=False) == HISTORY
+    # a final assistant turn (after the last user message) keeps its reasoning, or gets an empty think block
+    last = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\nA"}]
+    assert tok.chat(last, thinking=True, add_generation_prompt=False) == (
+        "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\nr\n</think>\n\nA<|im_end|>\n")
+    last[1]["content"] = "A"
+    assert tok.chat(last, thinking=False, add_generation_prompt=False) == (
+        "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nA<|im_end|>\n")
+
+
+def test_strip_thinking():
+    """The answer is what follows the think block; an unfinished think block has no answer."""
+    assert M.strip_thinking("<think>\nhmm\n</think>\n\nleft") == "left"
+    assert M.strip_thinking("hmm</think>right") == "right"
+    assert M.strip_thinking("<think>still going") == ""
+    assert M.strip_thinking(" up \n") == "up"
+
+
+def test_tiny_preset(tmp_path, tiny):
+    """The tiny preset is deterministic, transformers-loadable, and its tokenizer round-trips text."""
+    for d in ("a", "b"):
+        M.make_tiny(tmp_path / d, seed=0)
+    for f in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    model, tok = tiny
+    assert model.config.max_position_embeddings >= 8192 and model.config.vocab_size >= tok.tok.get_vocab_size()
+    for special in (M.ENDOFTEXT, M.IM_START, M.IM_END, M.THINK, M.END_THINK):
+        assert len(tok.encode(special)) == 1
+    assert tok.stop_ids == [tok.encode(M.IM_END)[0], tok.encode(M.ENDOFTEXT)[0]]
+    text = tok.chat([{"role": "user", "content": "Grid:\n#_@$\nMove up, down, left or right? Experience: é✓"}])
+    assert tok.decode(tok.encode(text)) == text
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "a")
+    assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a", dtype=torch.float32)
+    idx = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)).abs().max().item() < 1e-5
