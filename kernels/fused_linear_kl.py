@@ -1,0 +1,109 @@
+"""
+KL divergence straight from hidden states: the output projection fused with kernels/kl.py, chunked
+over tokens so the [T, V] logits never exist whole.
+
+Shapes: T tokens, H hidden (student and teacher may differ), V vocabulary, C tokens per chunk.
+Inputs: student hidden h_s [T, H], student output weight W_s [V, H], teacher h_t [T, H'], W_t [V, H']
+(the same tensor as W_s when the two models share it). With z_s = h_s W_s^T, z_t = h_t W_t^T and
+loss = (1 / n_valid) sum_valid KL(z_s, z_t) as in kernels/kl.py, g = dloss/dz_s [T, V] and
+
+    dloss/dh_s = g W_s          [T, V] @ [V, H]
+    dloss/dW_s = g^T h_s        [V, T] @ [T, H]   (summed chunk by chunk)
+
+The teacher gets no gradient (W_t included, even when it is W_s: only the student use counts).
+Everything is done in forward, chunk by chunk, in two reused [C, V] buffers:
+  z_s = h_s[c] @ W_s^T, z_t = h_t[c] @ W_t^T  (torch matmul, the inputs' dtype)
+  the kl kernel reads both and writes g in place over z_s  (the buffer is ours, so that is safe)
+  grad_h[c] = g @ W_s,  grad_W += g^T @ h_s[c]
+and backward only scales (grad_h, grad_W) by the upstream gradient, skipped when it is 1.
+
+FLOPs it must do: 2 T H V for each of z_s, z_t, grad_h, grad_W = 8 T H V: 2.0e13 at T = 8192,
+H = 2048, V = 151,936, i.e. ~30-37 ms at an H100's dense bf16 rate; plus 5 T V b bytes for the kl
+kernel (~4 ms). Extra memory: 2 C V b for the chunk buffers (622 MB at C = 1024 in bf16) plus the
+gradient outputs grad_W [V, H] and grad_h [T, H]. grad_W accumulates in the weight's dtype (the
+matmul adds in fp32 and rounds once per chunk); an fp32 accumulator would cost 4 V H bytes (1.2 GB).
+Larger chunks make fewer read-modify-writes of grad_W; smaller ones less memory.
+"""
+
+import torch
+
+from kernels.kl import flat_mask, kl_rows_torch, kl_rows_triton, scale_grad, triton
+
+
+def default_chunk_size(V, dtype, budget=768 * 2**20):
+    """Largest power-of-two token chunk whose two [C, V] logits buffers fit in `budget` bytes."""
+    per_token = 2 * V * torch.finfo(dtype).bits // 8
+    return 1 << max(0, (budget // per_token).bit_length() - 1)
+
+
+def no_grad_detached(*xs):
+    """Detach when grad mode is off, so forward skips the gradients (needs_input_grad ignores grad mode)."""
+    return xs if torch.is_grad_enabled() else [x.detach() for x in xs]
+
+
+class FusedLinearKL(torch.autograd.Function):
+    """Loss, grad_h and grad_W in forward, chunk by chunk; backward scales the saved gradients."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, w_s, teacher_hidden, w_t, mask, temperature, reverse, chunk_size, rows_fn):
+        h_s = student_hidden.reshape(-1, student_hidden.shape[-1])  # [T, H]; leading dims (B, T) flattened
+        h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])  # [T, H']
+        T, V = h_s.shape[0], w_s.shape[0]
+        valid, count = flat_mask(mask, T, h_s.device)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h_s) if need_h else None
+        grad_w = torch.zeros_like(w_s) if need_w else None
+        loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        C = max(1, min(T, chunk_size or default_chunk_size(V, h_s.dtype)))
+        buf_s = h_s.new_empty(C, V)  # [C, V] student logits, then their gradient
+        buf_t = h_t.new_empty(C, V)  # [C, V] teacher logits
+        for i in range(0, T, C):
+            j = min(i + C, T)
+            z_s = torch.mm(h_s[i:j], w_s.t(), out=buf_s[:j - i])
+            z_t = torch.mm(h_t[i:j], w_t.t(), out=buf_t[:j - i])
+            g = z_s if need_h or need_w else None  # the gradient overwrites z_s
+            loss += rows_fn(z_s, z_t, g, valid[i:j], count, temperature, reverse).sum()
+            if need_h:
+                torch.mm(g, w_s, out=grad_h[i:j])
+            if need_w:
+                grad_w.addmm_(g.t(), h_s[i:j])  # [V, C] @ [C, H]
+        ctx.save_for_backward(None if grad_h is None else grad_h.view(student_hidden.shape), grad_w)
+        return loss / count.clamp(min=1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_h, grad_w = ctx.saved_tensors
+        nones = (None,) * 7  # teacher_hidden, teacher_weight, mask, temperature, reverse, chunk_size, rows_fn
+        return (scale_grad(grad_h, grad_output), scale_grad(grad_w, grad_output)) + nones
+
+
+def fused_linear_kl_reference(student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None,
+                              temperature=1.0, reverse=True, chunk_size=None):
+    """The torch path: torch matmuls and the torch KL (kl_rows_torch) on each chunk; runs anywhere."""
+    student_hidden, student_weight = no_grad_detached(student_hidden, student_weight)
+    return FusedLinearKL.apply(student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
+                               temperature, reverse, chunk_size, kl_rows_torch)
+
+
+def fused_linear_kl_triton(student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None,
+                           temperature=1.0, reverse=True, chunk_size=None):
+    """The Triton path: torch matmuls and the Triton KL kernel on each chunk."""
+    assert triton is not None, "triton is not installed"
+    student_hidden, student_weight = no_grad_detached(student_hidden, student_weight)
+    return FusedLinearKL.apply(student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
+                               temperature, reverse, chunk_size, kl_rows_triton)
+
+
+def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None,
+                    temperature=1.0, reverse=True, impl=None, chunk_size=None):
+    """kl_div(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, mask, ...) without the logits.
+
+    student_hidden [T, H] (or [B, T, H]), student_weight [V, H], teacher_hidden [T, H'], teacher_weight [V, H'],
+    mask [T] (or [B, T]) bool. Returns an fp32 scalar; gradients reach student_hidden and student_weight only.
+    impl: None (Triton for CUDA tensors when Triton is installed, torch otherwise), 'triton' or 'torch'.
+    chunk_size: tokens per chunk (default: default_chunk_size, 1024 at V = 151,936 in bf16).
+    """
+    if impl is None:
+        impl = "triton" if student_hidden.is_cuda and triton is not None else "torch"
+    fn = fused_linear_kl_triton if impl == "triton" else fused_linear_kl_reference
+    return fn(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, temperature, reverse, chunk_size)

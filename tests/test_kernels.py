@@ -1,0 +1,199 @@
+"""kernels/: the Triton path (interpreted on CPU) and the torch path against float64 autograd."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels.kl
+from kernels import (fused_linear_kl, fused_linear_kl_reference, fused_linear_kl_triton, kl_div, kl_div_reference,
+                     kl_div_triton)
+
+# the interpreter evaluates both sides of tl.where with numpy, e.g. -inf - -inf on a row's padded tail
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton path runs interpreted on CPU tensors
+IMPLS = ["torch"] + (["triton"] if kernels.kl.triton is not None else [])
+
+
+def on_device(fn):
+    """fn with its tensor arguments moved to DEV (differentiably) and its loss moved back to the CPU."""
+    return lambda *args, **kw: fn(*(a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args), **kw).cpu()
+
+
+KL = {"torch": kl_div_reference, "triton": on_device(kl_div_triton)}
+FUSED = {"torch": fused_linear_kl_reference, "triton": on_device(fused_linear_kl_triton)}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def kl64(s, t, mask=None, temperature=1.0, reverse=True):
+    """Independent float64 loss: log_softmax, the KL sum, the masked mean; autograd gives the gradient."""
+    logp, logq = torch.log_softmax(s.double() / temperature, -1), torch.log_softmax(t.double() / temperature, -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1) if reverse else (logq.exp() * (logq - logp)).sum(-1)
+    mask = torch.ones(kl.shape, dtype=torch.bool) if mask is None else mask
+    return torch.where(mask, kl, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def loss_and_grad(fn, s, t, *args, upstream=1.0, **kw):
+    s = s.detach().clone().requires_grad_()
+    loss = fn(s, t, *args, **kw)
+    (loss * upstream).backward()
+    return loss.detach().double(), s.grad.double()
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def logits(T, V, dtype, scale=4.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(T, V, generator=g) * scale).to(dtype) for _ in range(2)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reverse", [True, False])
+def test_kl_matches_float64(impl, dtype, reverse):
+    """Loss and student gradient equal float64 autograd (irregular T, V; tau 0.7; masked rows; upstream 2.5)."""
+    s, t = logits(13, 5003, dtype)  # V spans two 4096 blocks with a ragged tail
+    mask = torch.rand(13, generator=torch.Generator().manual_seed(1)) > 0.3
+    loss, grad = loss_and_grad(KL[impl], s, t, mask, 0.7, reverse, upstream=2.5)
+    loss64, grad64 = loss_and_grad(kl64, s, t, mask, 0.7, reverse, upstream=2.5)
+    assert abs(loss - loss64) / loss64 < TOL[dtype]
+    assert grad.dtype == torch.float64 and rel(grad, grad64) < TOL[dtype]
+    assert grad[~mask].abs().max() == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kl_realistic_vocab(impl):
+    """At Qwen3's V = 151,936 in bf16 (several blocks, tau 0.7) loss and gradient match float64."""
+    s, t = logits(4, 151936, torch.bfloat16, scale=3.0)
+    loss, grad = loss_and_grad(KL[impl], s, t, None, 0.7)
+    loss64, grad64 = loss_and_grad(kl64, s, t, None, 0.7)
+    assert abs(loss - loss64) / loss64 < 1e-5  # fp32 math on bf16 inputs
+    assert rel(grad, grad64) < 1e-2  # the gradient is stored in bf16
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kl_identical_inputs_zero(impl):
+    """KL(p || p) is zero with zero gradient, both directions."""
+    s, _ = logits(5, 1000, torch.float32)
+    for reverse in (True, False):
+        loss, grad = loss_and_grad(KL[impl], s, s.clone(), None, 0.7, reverse)
+        assert abs(loss) < 1e-6 and grad.abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kl_all_masked_and_garbage_rows(impl):
+    """Masked rows, even all -inf, give zero loss and gradient; all rows masked gives loss 0, not NaN."""
+    s, t = logits(6, 700, torch.float32)
+    s[2], t[4] = float("-inf"), float("-inf")
+    mask = torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool)
+    loss, grad = loss_and_grad(KL[impl], s, t, mask)
+    loss64, grad64 = loss_and_grad(kl64, s[mask], t[mask])
+    assert abs(loss - loss64) / loss64 < 1e-5 and rel(grad[mask], grad64) < 1e-5
+    assert grad[~mask].abs().max() == 0
+    loss, grad = loss_and_grad(KL[impl], s, t, torch.zeros(6, dtype=torch.bool))
+    assert loss == 0 and grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reverse", [True, False])
+def test_kl_extreme_logits(impl, reverse):
+    """-inf at the same vocab entries in both (masked vocab) and +-1e4 logits give finite, correct results."""
+    s, t = logits(6, 1500, torch.float32)
+    banned = torch.rand(1500, generator=torch.Generator().manual_seed(2)) < 0.2
+    banned[:64], banned[[100, 200, 300, 400]] = True, False  # a whole leading block of -inf
+    s[:, banned], t[:, banned] = float("-inf"), float("-inf")
+    s[0, 100], t[1, 200], s[2, 300], t[2, 300], s[3, 400] = 1e4, 1e4, -1e4, 1e4, -1e4
+    loss, grad = loss_and_grad(KL[impl], s, t, None, 0.7, reverse)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert grad[:, banned].abs().max() == 0
+    loss64, grad64 = loss_and_grad(kl64, s[:, ~banned], t[:, ~banned], None, 0.7, reverse)
+    assert abs(loss - loss64) / loss64 < 1e-5
+    assert (grad[:, ~banned] - grad64).abs().max() < 1e-5 * grad64.abs().max()
+
+
+def test_kl_teacher_gets_no_gradient_and_no_grad_mode():
+    """The teacher's .grad stays None; under no_grad the loss is unchanged; [B, T, V] with a [B, T] mask works."""
+    s, t = logits(6, 900, torch.float32)
+    s, t, mask = s.view(2, 3, 900).requires_grad_(), t.view(2, 3, 900).requires_grad_(), torch.rand(2, 3) > 0.3
+    for impl in IMPLS:
+        loss = KL[impl](s, t, mask, 0.7)
+        loss.backward()
+        assert t.grad is None and s.grad.shape == s.shape
+        with torch.no_grad():
+            assert torch.allclose(KL[impl](s, t, mask, 0.7), loss, rtol=1e-6)
+    assert torch.allclose(kl_div(s, t, mask, 0.7), kl_div_reference(s, t, mask, 0.7))  # CPU dispatches to torch
+
+
+def linear_inputs(T, H, V, dtype, tied, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h_s, h_t = (torch.randn(T, H, generator=g) for _ in range(2))
+    w_s = torch.randn(V, H, generator=g) / H**0.5 * 4
+    w_t = w_s if tied else torch.randn(V, H, generator=g) / H**0.5 * 4
+    w_t = None if tied else w_t.to(dtype).requires_grad_()
+    return [x.to(dtype).requires_grad_() for x in (h_s, w_s, h_t)] + [w_t]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_linear_matches_logits_path(impl, tied):
+    """fused_linear_kl over ragged chunks gives the logits path's loss and grads for h and W; the teacher gets none."""
+    h_s, w_s, h_t, w_t = linear_inputs(11, 32, 1100, torch.float32, tied)
+    w_t = w_s if tied else w_t
+    mask = torch.rand(11, generator=torch.Generator().manual_seed(3)) > 0.3
+    ref = kl_div_reference(h_s @ w_s.T, (h_t @ w_t.T).detach(), mask, 0.7)
+    grads_ref = torch.autograd.grad(ref * 2.5, (h_s, w_s))
+    loss = FUSED[impl](h_s, w_s, h_t, w_t, mask, 0.7, chunk_size=4)
+    (loss * 2.5).backward()
+    assert abs(loss.item() - ref.item()) / ref.item() < 1e-5
+    assert rel(h_s.grad, grads_ref[0]) < 1e-5 and rel(w_s.grad, grads_ref[1]) < 1e-5
+    assert h_t.grad is None and (tied or w_t.grad is None)
+    assert torch.allclose(fused_linear_kl(h_s, w_s, h_t, w_t, mask, 0.7), loss, rtol=1e-5)  # default chunk, CPU path
+    with torch.no_grad():  # loss only: no gradient pass, no grad matmuls
+        assert torch.allclose(FUSED[impl](h_s, w_s, h_t, w_t, mask, 0.7, chunk_size=4), loss, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_linear_bf16_matches_float64(impl):
+    """In bf16 the fused loss and h, W grads are within 1e-2 of float64 math on the same bf16 logits."""
+    h_s, w_s, h_t, w_t = linear_inputs(12, 64, 3000, torch.bfloat16, tied=False)
+    loss = FUSED[impl](h_s, w_s, h_t, w_t, None, 0.7, False, chunk_size=5)
+    loss.backward()
+    z_s = (h_s @ w_s.T).detach().double().requires_grad_()  # the bf16 logits; everything after in float64
+    ref = kl64(z_s, (h_t @ w_t.T).detach(), None, 0.7, False)
+    (g,) = torch.autograd.grad(ref, z_s)
+    assert abs(loss.item() - ref.item()) / ref.item() < 1e-2
+    assert rel(h_s.grad, g @ w_s.double()) < 1e-2 and rel(w_s.grad, g.T @ h_s.double()) < 1e-2
+
+
+COMPILE_FOR_H100 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels.kl import _kl_kernel
+sig = dict(s_ptr="*bf16", t_ptr="*bf16", g_ptr="*bf16", valid_ptr="*i8", count_ptr="*i32", loss_ptr="*fp32",
+           s_stride="i32", t_stride="i32", g_stride="i32", V="i32", inv_temp="fp32",
+           REVERSE="constexpr", WRITE_GRAD="constexpr", BLOCK_V="constexpr")
+aligned = {(i,): [["tt.divisibility", 16]] for i in range(10)}  # what the launcher specialises at V = 151,936
+for reverse in (True, False):
+    for write_grad in (True, False):
+        src = ASTSource(_kl_kernel, sig, dict(REVERSE=reverse, WRITE_GRAD=write_grad, BLOCK_V=4096), aligned)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm["ptx"]
+        assert "ld.global.v4" in ptx, "no 16-byte vector loads"
+"""
+
+
+def test_triton_kernel_compiles_for_h100():
+    """The interpreter is lax: the kernel also compiles for sm_90 (every variant) with 16-byte vector loads."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
