@@ -1,0 +1,110 @@
+"""
+Evaluate any checkpoint on any game set in the paper's comparison modes, or plot a run.
+
+    python eval.py --model runs/oel/r1/model --game frozenlake --mode none
+    python eval.py --model Qwen/Qwen3-1.7B --mode knowledge --context runs/oel/r0/pool.json
+    python eval.py --model Qwen/Qwen3-1.7B --mode raw --context runs/oel/r0/deploy.jsonl --budget 8192
+    python eval.py --plot runs/oel                    # runs/oel/metrics.png: pass rate and length per round
+
+Modes: `none` (no context), `knowledge` (extracted knowledge in the prompt: a .md file, or a
+pool.json whose K texts are spread evenly over the games), `raw` (raw trajectories in the prompt,
+newest first, capped at the same token budget by dropping whole trajectories).
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+import games
+import model as modeling
+import oel
+
+def raw_context(trajs, tok, budget):
+    """Rendered trajectories, newest first, as many whole ones as fit in `budget` tokens."""
+    parts, used = [], 0
+    for t in reversed(trajs):
+        text = f"## Episode ({t.game})\n{oel.render_trajectory(t)}"
+        n = len(tok.encode(text))
+        if used + n > budget:
+            break
+        parts.append(text)
+        used += n
+    return "\n\n".join(parts)
+
+
+def contexts(mode, path, tok, budget):
+    """The list of context texts for a mode (one per group of games); [None] for no context."""
+    if mode == "none":
+        return [None]
+    if not path or not os.path.exists(path):
+        raise SystemExit(f"error: --mode {mode} needs --context pointing to an existing file, got {path!r}")
+    if mode == "knowledge":
+        texts = json.load(open(path)) if path.endswith(".json") else [open(path).read()]
+        return ["\n".join(oel.trim_knowledge(t.splitlines(), tok, budget)) for t in texts]
+    return [raw_context(games.load_trajectories(path), tok, budget)]
+
+
+def plot(run_dir):
+    """PNG of test pass rate and response tokens per turn against the round, from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} not found: is {run_dir} a train.py run folder?")
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    x = [r["round"] + 1 for r in rows]  # 0 = the base model, r = after round r's consolidation
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(x, [100 * r["test_pass_rate"] for r in rows], "o-", label="test")
+    if "ood_pass_rate" in rows[0]:
+        a.plot(x, [100 * r["ood_pass_rate"] for r in rows], "s--", label="out-of-distribution")
+    a.set(xlabel="round", ylabel="pass rate (%)", xticks=x)
+    a.legend()
+    b.plot(x, [r["test_tokens_per_turn"] for r in rows], "o-")
+    b.set(xlabel="round", ylabel="response tokens per turn", xticks=x)
+    fig.tight_layout()
+    out = os.path.join(run_dir, "metrics.png")
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint on a game set, or plot a run folder.")
+    p.add_argument("--model", help="checkpoint dir, Hub id, or 'tiny'")
+    p.add_argument("--game", default="frozenlake", help="frozenlake | sokoban | textworld")
+    p.add_argument("--split", default="test", help="train | test | ood")
+    p.add_argument("--n", type=int, default=128, help="number of games")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", default="none", choices=["none", "knowledge", "raw"], help="what goes into the prompt")
+    p.add_argument("--context", help="knowledge .md / pool.json (mode knowledge) or trajectories .jsonl (mode raw)")
+    p.add_argument("--budget", type=int, default=8192, help="token budget of the context")
+    p.add_argument("--thinking", default="false", help="true | false | none (instruct models)")
+    p.add_argument("--max_turns", type=int, default=5)
+    p.add_argument("--max_new_tokens", type=int, default=1024)
+    p.add_argument("--out", help="result JSON (default: eval_<game>_<split>_<mode>.json beside the checkpoint or here)")
+    p.add_argument("--plot", metavar="RUN_DIR", help="only write RUN_DIR/metrics.png")
+    a = p.parse_args(argv)
+    if a.plot:
+        print(plot(a.plot))
+        return
+    if not a.model:
+        p.error("--model is required unless --plot is given")
+    from train import parse_bool_or_none, resolve_model
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m, tok = modeling.load(resolve_model(a.model), device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    rcfg = games.RolloutConfig(max_turns=a.max_turns, max_new_tokens=a.max_new_tokens, temperature=0.7,
+                               top_p=0.8, top_k=20, thinking=parse_bool_or_none(a.thinking))
+    ctxs = contexts(a.mode, a.context, tok, a.budget)
+    trajs = oel.play(m, tok, a.game, a.split, a.n, a.seed, rcfg, ctxs)
+    metrics = games.metrics(trajs)
+    out = a.out or f"eval_{a.game}_{a.split}_{a.mode}.json"
+    oel.atomic_write(out, json.dumps({"model": a.model, "game": a.game, "split": a.split, "mode": a.mode,
+                                      "context": a.context, "budget": a.budget, **metrics}, indent=2))
+    oel.save_trajectories(out.removesuffix(".json") + ".jsonl", trajs)
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,514 @@
+"""
+Text games and the rollout engine: what the model plays, and how its play is recorded.
+
+Games (one interface: reset(seed) -> observation; step(action) -> observation, reward, done, info{'won'};
+solve() -> the shortest action list from the current state):
+- FrozenLake and Sokoban: plain-Python versions of TextArena's FrozenLake-v0 and Sokoban-v0 (same boards,
+  messages and rules). Levels come from a seed and are resampled until the BFS solver solves them (Sokoban:
+  in 2 to 5 moves, so every level can be won within the default 5 turns). Unlike TextArena: no w/a/s/d
+  aliases, reward 1 only on a win (no partial credit), an invalid move only wastes the turn, and Sokoban
+  rooms come from a random walk plus the solver rather than from reverse play.
+- TextWorld: coin collector, treasure hunter and cooking games made in-process with the `textworld` package,
+  cached under $OEL_CACHE/textworld (default ~/.cache/oel), played through its interpreter.
+
+Agent protocol (as in the paper): every turn is ONE fresh user message, the short generic instruction of
+`user_prompt` plus the observation history so far (never the model's earlier responses). The rules of the
+game are not stated. The action is the last [bracketed] text of the response after any thinking; a missing
+or invalid action wastes the turn with a feedback message. At most `max_turns` turns per episode.
+
+Rollouts play many games in lockstep: each turn, the next move of every unfinished game comes from ONE
+batched `model.generate` call. Trajectories are saved as JSONL, one episode per line.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+from tqdm import tqdm
+
+GAMES = ("frozenlake", "sokoban", "textworld")
+SPLITS = ("train", "test", "ood")  # disjoint level seeds: seed % 3 is the split's index
+MAX_GAMES = 10_000  # games per (split, seed) set; keeps the level seeds of different sets disjoint
+MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
+VALID_MOVES = ", ".join(f"[{m}]" for m in MOVES)
+KNOWLEDGE_HEADING = "## Knowledge from earlier games"
+
+
+def invalid(action: str | None, valid: str) -> str:
+    what = "Invalid action: no action in square brackets found." if action is None else f"Invalid action [{action}]."
+    return f"{what} Valid actions: {valid}."
+
+
+def bfs(start, nxt, won, limit=200_000) -> list[str] | None:
+    """Fewest moves from `start` to a state where won(state); nxt(state, move) is the next state, or None when
+    the move is blocked or loses. None if no solution within `limit` explored states."""
+    prev, queue = {start: None}, deque([start])
+    while queue:
+        s = queue.popleft()
+        if won(s):
+            path = []
+            while prev[s] is not None:
+                s, move = prev[s]
+                path.append(move)
+            return path[::-1]
+        for move in MOVES:
+            t = nxt(s, move)
+            if t is not None and t not in prev and len(prev) < limit:
+                prev[t] = (s, move)
+                queue.append(t)
+    return None
+
+
+# ----------------------------------------------------------------------------- FrozenLake and Sokoban
+
+
+class Board:
+    """What the two board games share: a level from text, its solution length, and the turn logic around move()."""
+
+    def load(self, board: str) -> str:
+        """Set a level from text, one row per line, and return the observation. FrozenLake: 'P' start, 'G' goal,
+        'H' hole, '.' ice. Sokoban, as TextArena draws it: '#' wall, '_' floor, 'O' target, 'X' box, '√' box on
+        target, 'P' player."""
+        rows = [row.split() if " " in row else list(row) for row in board.strip().splitlines()]
+        self.shape = (len(rows), len(rows[0]))
+        self.done, self.won = False, False
+        self.setup({(r, c): x for r, row in enumerate(rows) for c, x in enumerate(row)})
+        solution = self.solve()
+        self.optimal = None if solution is None else len(solution)  # fewest moves to win, None if unsolvable
+        return self.observation()
+
+    def step(self, action: str | None):
+        if self.done:
+            raise RuntimeError("the game is over: call reset()")
+        msg = self.move(action) if action in MOVES else invalid(action, VALID_MOVES)
+        return f"{msg}\n\n{self.observation()}", float(self.won), self.done, {"won": self.won}
+
+
+@dataclass
+class FrozenLake(Board):
+    """TextArena FrozenLake-v0: walk from the top-left corner to the goal G (bottom-right) around the holes H.
+    Walking off the board is a wasted move; walking into a hole ends the game, lost."""
+    name: ClassVar[str] = "frozenlake"
+    size: int = 3  # the board is size x size (paper: 3; TextArena's default: 4)
+    holes: int = 2  # exact number of holes (paper: 2)
+    seed: int | None = None  # the level; make_games sets it, reset() without a seed uses it
+
+    def __post_init__(self):
+        if self.size < 2 or not 0 <= self.holes <= (self.size - 1) ** 2:
+            raise ValueError(f"FrozenLake: need size >= 2 and 0 <= holes <= (size-1)^2 so a path can exist, "
+                             f"got size={self.size}, holes={self.holes}")
+
+    def reset(self, seed: int | None = None) -> str:
+        self.seed = self.seed if seed is None else seed
+        rng, n = random.Random(self.seed), self.size
+        inner = [(r, c) for r in range(n) for c in range(n) if (r, c) not in ((0, 0), (n - 1, n - 1))]
+        for _ in range(100_000):
+            holes = set(rng.sample(inner, self.holes))
+            cell = lambda p: "P" if p == (0, 0) else "G" if p == (n - 1, n - 1) else "H" if p in holes else "."
+            obs = self.load("\n".join("".join(cell((r, c)) for c in range(n)) for r in range(n)))
+            if self.optimal is not None:
+                return obs
+        raise RuntimeError(f"FrozenLake: no solvable {n}x{n} board with {self.holes} holes found; use fewer holes")
+
+    def setup(self, cells: dict):
+        self.cells, self.hole_cells = set(cells), {p for p, x in cells.items() if x == "H"}
+        self.goal = next(p for p, x in cells.items() if x == "G")
+        self.pos = next(p for p, x in cells.items() if x == "P")
+
+    def _next(self, pos, move):
+        p = (pos[0] + MOVES[move][0], pos[1] + MOVES[move][1])
+        return p if p in self.cells else None
+
+    def solve(self) -> list[str] | None:
+        nxt = lambda p, m: (q if (q := self._next(p, m)) not in self.hole_cells else None)
+        return bfs(self.pos, nxt, lambda p: p == self.goal)
+
+    def move(self, action: str) -> str:
+        if (pos := self._next(self.pos, action)) is None:
+            return f"You tried to move {action} but hit a wall!"
+        self.pos, msg = pos, f"You moved {action} to position ({pos[0]}, {pos[1]})."
+        if pos in self.hole_cells:
+            self.done, msg = True, msg + "\nYou fell into a hole! Game over."
+        elif pos == self.goal:
+            self.done, self.won, msg = True, True, msg + "\nCongratulations! You reached the goal!"
+        return msg
+
+    def board(self) -> str:
+        line = "+" + "+".join(["-----"] * self.shape[1]) + "+"
+        def cell(p):
+            if p == self.pos:
+                return "P/G" if p == self.goal else "P"
+            return "H" if p in self.hole_cells else "G" if p == self.goal else " "
+        R, C = self.shape
+        rows = ["|" + "|".join(f" {cell((r, c)):^3} " for c in range(C)) + "|" for r in range(R)]
+        return "\n".join([line] + [x for row in rows for x in (row, line)])
+
+    def observation(self) -> str:
+        return f"Current Board:\n\n{self.board()}\n\nAvailable Actions: {VALID_MOVES}"
+
+
+@dataclass
+class Sokoban(Board):
+    """TextArena Sokoban-v0: push every box X onto a target O. Walking into a wall, or pushing a box into a wall or
+    another box, is a wasted move. There is no losing state: a stuck box just means the turns run out."""
+    name: ClassVar[str] = "sokoban"
+    size: int = 6  # the room is size x size, outer ring wall (paper: 6)
+    boxes: int = 1  # boxes, and as many targets (paper: 1)
+    min_moves: int = 2  # levels solved in fewer moves count as trivial and are resampled
+    max_moves: int | None = 5  # levels needing more moves are resampled: winnable within 5 turns (None: any)
+    seed: int | None = None  # the level; make_games sets it, reset() without a seed uses it
+
+    def __post_init__(self):
+        if self.size < 5 or self.boxes < 1 or 2 * self.boxes + 1 > (self.size - 2) ** 2 // 2:
+            raise ValueError(f"Sokoban: need size >= 5 and boxes >= 1, with boxes, targets and player taking at most "
+                             f"half the cells inside the walls; got size={self.size}, boxes={self.boxes}")
+
+    def reset(self, seed: int | None = None) -> str:
+        self.seed = self.seed if seed is None else seed
+        rng, n, k = random.Random(self.seed), self.size, self.boxes
+        for _ in range(10_000):
+            floor = carve(rng, n)
+            if len(floor) < 2 * k + 3:
+                continue
+            player, *rest = rng.sample(sorted(floor), 2 * k + 1)
+            items = {player: "P", **{p: "O" for p in rest[:k]}, **{p: "X" for p in rest[k:]}}
+            obs = self.load("\n".join(" ".join(items.get((r, c), "_") if (r, c) in floor else "#"
+                                                 for c in range(n)) for r in range(n)))
+            if self.optimal is not None and self.min_moves <= self.optimal <= (self.max_moves or self.optimal):
+                return obs
+        raise RuntimeError(f"Sokoban: no {n}x{n} room with {k} boxes solvable in {self.min_moves} to "
+                           f"{self.max_moves} moves found")
+
+    def setup(self, cells: dict):
+        self.floor = {p for p, x in cells.items() if x != "#"}
+        self.targets = {p for p, x in cells.items() if x in "O√"}
+        player = next(p for p, x in cells.items() if x == "P")
+        self.state = (player, frozenset(p for p, x in cells.items() if x in "X√"))  # what moves
+
+    def _push(self, state, move):
+        """(next state, message) of a move; the state is None when the move is blocked."""
+        (r, c), boxes = state
+        dr, dc = MOVES[move]
+        to, beyond = (r + dr, c + dc), (r + 2 * dr, c + 2 * dc)
+        if to not in self.floor:
+            return None, "You cannot move into a wall!"
+        if to not in boxes:
+            return (to, boxes), f"You moved {move}."
+        if beyond in boxes:
+            return None, "You cannot push a box into another box!"
+        if beyond not in self.floor:
+            return None, "You cannot push a box into a wall!"
+        return (to, boxes - {to} | {beyond}), f"You moved {move} and pushed a box."
+
+    def solve(self) -> list[str] | None:
+        return bfs(self.state, lambda s, m: self._push(s, m)[0], lambda s: s[1] == self.targets)
+
+    def move(self, action: str) -> str:
+        state, msg = self._push(self.state, action)
+        if state is not None:
+            self.state = state
+            if state[1] == self.targets:
+                self.done, self.won, msg = True, True, msg + "\nCongratulations! You have solved the Sokoban puzzle!"
+        return msg
+
+    def board(self) -> str:
+        (player, boxes), (R, C) = self.state, self.shape
+        def cell(p):
+            if p not in self.floor:
+                return "#"
+            if p == player:
+                return "P"  # also on a target, as in Sokoban-v0
+            if p in boxes:
+                return "√" if p in self.targets else "X"
+            return "O" if p in self.targets else "_"
+        return "".join(" ".join(cell((r, c)) for c in range(C)) + "\n" for r in range(R))
+
+    def observation(self) -> str:
+        return f"Current Board:\n\n{self.board()}\nAvailable Moves: {', '.join(MOVES)}"
+
+
+def carve(rng: random.Random, n: int) -> set:
+    """Floor cells of an n x n room: a random walk inside the walls that turns with probability 0.35 and clears
+    one random neighbour of every cell it visits (gym-sokoban's room topology, simplified)."""
+    dirs = list(MOVES.values())
+    clip = lambda x: min(max(x, 1), n - 2)
+    r, c, d = rng.randrange(1, n - 1), rng.randrange(1, n - 1), rng.choice(dirs)
+    floor = set()
+    for _ in range(int(3.4 * n)):
+        if rng.random() < 0.35:
+            d = rng.choice(dirs)
+        r, c = clip(r + d[0]), clip(c + d[1])
+        w = rng.choice(dirs)
+        floor |= {(r, c), (clip(r + w[0]), clip(c + w[1]))}
+    return floor
+
+
+# ----------------------------------------------------------------------------- TextWorld
+
+TW_LEVELS = {  # difficulty 1-3 -> challenge settings; fewest moves: coin 1/2/4, treasure 1/3/4, cooking 3/3-4/4-5
+    "coin_collector": [{"level": 1}, {"level": 2}, {"level": 4}],
+    "treasure_hunter": [{"level": 1}, {"level": 5}, {"level": 7}],
+    "cooking": [{"recipe": 1, "take": 1}, {"recipe": 1, "take": 1, "open": True},
+                {"recipe": 1, "take": 1, "open": True, "cook": True}],
+}
+COOKING_DEFAULTS = {"recipe": 1, "take": 0, "go": 1, "open": False, "cook": False, "cut": False, "drop": False,
+                    "recipe_seed": 0, "split": None}
+
+
+def make_textworld(kind: str, level: int, seed: int) -> str:
+    """Path of the .z8 game for (kind, level, seed), generated in-process into the cache unless already there.
+    Files are written to a temporary folder and renamed into place, so a crash never leaves half a game."""
+    import textworld  # heavy import, only needed here
+    import textworld.challenges
+    from textworld.generator import QuestGenerationError
+
+    folder = os.path.join(os.environ.get("OEL_CACHE", os.path.expanduser("~/.cache/oel")), "textworld")
+    tag = "-".join(f"{k}{'' if v is True else v}" for k, v in TW_LEVELS[kind][level - 1].items())
+    stem = os.path.join(folder, f"{kind}-{tag}-s{seed}")  # e.g. cooking-recipe1-take1-open-s5
+    if os.path.exists(stem + ".z8"):
+        return stem + ".z8"
+    os.makedirs(folder, exist_ok=True)
+    settings = {**(COOKING_DEFAULTS if kind == "cooking" else {}), **TW_LEVELS[kind][level - 1]}
+    make = textworld.challenges.CHALLENGES[f"tw-{kind}"][1]
+    tmp = tempfile.mkdtemp(dir=folder)
+    try:
+        for attempt in range(10):  # some maps cannot hold the quest: derive another seed
+            options = textworld.GameOptions()
+            options.seeds, options.path = (seed + attempt * 7919) % 2**32, os.path.join(tmp, "game.z8")
+            try:
+                game = make(settings=settings, options=options)
+                break
+            except QuestGenerationError:
+                continue
+        else:
+            raise RuntimeError(f"TextWorld: no {kind} level {level} game could be generated from seed {seed}")
+        textworld.generator.compile_game(game, options)
+        os.replace(os.path.join(tmp, "game.json"), stem + ".json")  # the interpreter's wrapper reads it
+        os.replace(os.path.join(tmp, "game.z8"), stem + ".z8")  # last: its presence marks a complete game
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stem + ".z8"
+
+
+@dataclass
+class TextWorldGame:
+    """A generated TextWorld game: won when the quest is complete (a cooking game can also be lost). Valid actions
+    are the game's admissible commands, listed after every observation."""
+    name: ClassVar[str] = "textworld"
+    kind: str = "mix"  # coin_collector | treasure_hunter | cooking | mix (each level draws its kind from its seed)
+    level: int = 2  # difficulty 1-3 (TW_LEVELS)
+    seed: int | None = None  # the level; make_games sets it, reset() without a seed uses it
+
+    def __post_init__(self):
+        if self.kind != "mix" and self.kind not in TW_LEVELS:
+            raise ValueError(f"TextWorld: unknown kind {self.kind!r}; choose from mix, {', '.join(TW_LEVELS)}")
+        if not 1 <= self.level <= 3:
+            raise ValueError(f"TextWorld: level must be 1, 2 or 3, got {self.level}")
+        self.env = None
+
+    def reset(self, seed: int | None = None) -> str:
+        import textworld
+
+        self.seed = self.seed if seed is None else seed
+        kind = random.Random(self.seed).choice(list(TW_LEVELS)) if self.kind == "mix" else self.kind
+        path = make_textworld(kind, self.level, self.seed)
+        self.close()
+        infos = textworld.EnvInfos(admissible_commands=True, policy_commands=True, won=True, lost=True,
+                                   objective=True, description=True)
+        self.env = textworld.start(path, request_infos=infos)
+        self.state, self.done, self.won = self.env.reset(), False, False
+        return self.observation(f"{self.state.objective}\n\n{self.state.description}")
+
+    def observation(self, text: str) -> str:
+        text = re.sub(r"^>.*$", "", text.split("*** The End ***")[0], flags=re.M)  # end banner, status line
+        text = re.sub(r"\n\s*\n", "\n\n", text).strip()
+        if self.done:
+            return text
+        return f"{text}\n\nAvailable commands: {', '.join(f'[{c}]' for c in self.state.admissible_commands)}"
+
+    def step(self, action: str | None):
+        if self.done:
+            raise RuntimeError("the game is over: call reset()")
+        if action not in self.state.admissible_commands:  # also keeps out interpreter commands (restart, quit, ...)
+            return self.observation(invalid(action, "the commands listed below")), 0.0, False, {"won": False}
+        self.state, _, done = self.env.step(action)
+        self.won, self.done = bool(self.state.won), bool(done or self.state.won or self.state.lost)
+        if self.done:
+            self.close()
+        return self.observation(self.state.feedback), float(self.won), self.done, {"won": self.won}
+
+    def solve(self) -> list[str]:
+        return list(self.state.policy_commands)  # the game's walkthrough from the current state
+
+    def close(self):
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+
+# ----------------------------------------------------------------------------- named game sets
+
+ENVS = {"frozenlake": FrozenLake, "sokoban": Sokoban, "textworld": TextWorldGame}
+
+
+def level_seed(split: str, seed: int, i: int) -> int:
+    """Seed of game i of the set (split, seed); different sets never share a level."""
+    return 3 * (seed * MAX_GAMES + i) + SPLITS.index(split)
+
+
+def make_games(game: str, split: str, n: int, seed: int = 0, **options) -> list:
+    """n games of a named, reproducible set. `train`: pass a fresh seed every round (e.g. the round number);
+    `test`: the held-out levels (the paper uses 128, seed 0); `ood`: another disjoint set, meant for a game
+    the model was not trained on. options: the game's settings (FrozenLake size/holes, Sokoban size/boxes,
+    TextWorld kind/level). Each game's level seed is `game.seed`."""
+    if game not in ENVS:
+        raise ValueError(f"unknown game {game!r}; choose from {', '.join(GAMES)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    if not 0 <= n <= MAX_GAMES or seed < 0:
+        raise ValueError(f"need 0 <= n <= {MAX_GAMES} and seed >= 0, got n={n}, seed={seed}")
+    return [ENVS[game](**options, seed=level_seed(split, seed, i)) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- agent protocol
+
+INSTRUCTIONS = {
+    "grid": ("You are playing a game on a board. You are the player, shown as `P`. Reach the goal in as few "
+             f"steps as possible.\nAvailable actions: {VALID_MOVES}.\nWrap your final action in square brackets, "
+             "e.g. [up]. Only the last bracketed action in your reply counts."),
+    "textworld": ("You are playing a text adventure game. Complete the task given in the observations in as few "
+                  "steps as possible.\nActions are short text commands such as [go north], [take coin] or "
+                  "[open door]; the available commands are listed after each observation.\nWrap your final "
+                  "action in square brackets, e.g. [look]. Only the last bracketed action in your reply counts."),
+}
+
+
+def user_prompt(game: str, state: str, knowledge: str | None = None) -> str:
+    """The single user message of a turn: instruction, optional knowledge, observation history."""
+    if game not in ENVS:
+        raise ValueError(f"unknown game {game!r}; choose from {', '.join(GAMES)}")
+    parts = [INSTRUCTIONS["textworld" if game == "textworld" else "grid"]]
+    if knowledge:
+        parts.append(f"{KNOWLEDGE_HEADING}\n{knowledge.strip()}")
+    parts.append(f"## Game so far\n{state}\n\nWhat is your next action?")
+    return "\n\n".join(parts)
+
+
+def parse_action(response: str) -> str | None:
+    """The last [bracketed] text after any thinking, lower-cased and trimmed; None if there is none or the
+    thinking never ended."""
+    if "</think>" in response:
+        response = response.rsplit("</think>", 1)[1]
+    elif "<think>" in response:
+        return None
+    found = re.findall(r"\[([^\[\]]*)\]", response)
+    action = " ".join(found[-1].split()).lower() if found else ""
+    return action or None
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+@dataclass
+class RolloutConfig:
+    max_turns: int = 5  # turns per episode (paper: 5)
+    max_new_tokens: int = 1024  # tokens per turn (paper: 1024)
+    temperature: float = 0.7  # sampling: Qwen3's recommended non-thinking settings
+    top_p: float = 0.8
+    top_k: int = 20  # 0 = off
+    thinking: bool | None = False  # chat mode: True thinking, False non-thinking, None instruct (never thinks)
+
+
+@dataclass
+class Turn:
+    state: str  # observation history the model saw (user_prompt renders it)
+    prompt: str  # the user message
+    response: str  # the model's full response text
+    n_tokens: int  # response tokens
+    action: str | None  # parsed action, None if none was found
+    feedback: str  # what the game answered
+    reward: float
+
+
+@dataclass
+class Trajectory:
+    game: str
+    seed: int  # level seed: make_games(...)[i].seed
+    turns: list[Turn] = field(default_factory=list)
+    won: bool = False
+    steps: int = 0  # turns played
+    response_tokens: int = 0  # summed over turns
+
+
+def rollout(model, tokenizer, envs: list, cfg: RolloutConfig, knowledge: str | None = None,
+            seed: int = 0) -> list[Trajectory]:
+    """Play every game to the end or to cfg.max_turns, all unfinished games' turns in one generate call."""
+    from model import generate  # torch-heavy; imported only when playing
+
+    states = [f"Observation 1:\n{env.reset(env.seed)}" for env in tqdm(envs, desc="reset", leave=False)]
+    trajs = [Trajectory(game=env.name, seed=env.seed) for env in envs]
+    active = list(range(len(envs)))
+    bar = tqdm(total=len(envs), desc=f"rollout {'/'.join(sorted({e.name for e in envs}))}", unit="game", leave=False)
+    for t in range(cfg.max_turns):
+        if not active:
+            break
+        prompts = [user_prompt(envs[i].name, states[i], knowledge) for i in active]
+        chats = [tokenizer.chat([{"role": "user", "content": p}], thinking=cfg.thinking) for p in prompts]
+        ids = [tokenizer.encode(c) for c in chats]
+        outs = generate(model, tokenizer, ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                        top_p=cfg.top_p, top_k=cfg.top_k, seed=seed * 1000 + t)
+        still = []
+        for i, prompt, out in zip(active, prompts, outs):
+            action = parse_action(out.text)
+            feedback, reward, done, info = envs[i].step(action)
+            trajs[i].turns.append(Turn(states[i], prompt, out.text, len(out.tokens), action, feedback, reward))
+            trajs[i].won = info["won"]
+            shown = f"[{action}]" if action is not None else "(none)"
+            states[i] += f"\n\nAction {t + 1}: {shown}\n\nObservation {t + 2}:\n{feedback}"
+            if done:
+                bar.update()
+            else:
+                still.append(i)
+        active = still
+        bar.set_postfix(turn=t + 1, won=sum(tr.won for tr in trajs))
+    bar.update(len(active))
+    bar.close()
+    for i in active:  # out of turns
+        getattr(envs[i], "close", lambda: None)()
+    for tr in trajs:
+        tr.steps, tr.response_tokens = len(tr.turns), sum(x.n_tokens for x in tr.turns)
+    return trajs
+
+
+def save_trajectories(path: str, trajs: list[Trajectory]):
+    with open(path, "w", encoding="utf-8") as f:
+        for tr in trajs:
+            f.write(json.dumps(asdict(tr), ensure_ascii=False) + "\n")
+
+
+def load_trajectories(path: str) -> list[Trajectory]:
+    trajs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                trajs.append(Trajectory(**{**d, "turns": [Turn(**x) for x in d["turns"]]}))
+            except (ValueError, TypeError, KeyError) as e:
+                raise ValueError(f"{path}:{n}: malformed trajectory line ({type(e).__name__}: {e})") from None
+    return trajs
+
+
+def metrics(trajs: list[Trajectory]) -> dict:
+    """Pass rate, mean steps, mean response tokens per turn and per episode, n."""
+    n, turns = len(trajs), sum(tr.steps for tr in trajs)
+    tokens = sum(tr.response_tokens for tr in trajs)
+    return {"pass_rate": sum(tr.won for tr in trajs) / max(n, 1), "mean_steps": turns / max(n, 1),
+            "tokens_per_turn": tokens / max(turns, 1), "tokens_per_episode": tokens / max(n, 1), "n": n}

@@ -1,0 +1,405 @@
+"""
+Online Experiential Learning (OEL, arXiv 2603.16856): extraction, knowledge, distillation, the round loop.
+
+The algorithm, round r = 0 .. R-1, starting from the model M_r (M_0 = the given checkpoint):
+1. Deploy: M_r plays `n_train` training games (fresh seeds every round) with no knowledge in its
+   prompt. Trajectories -> r{r}/deploy.jsonl. Nothing after this step touches an environment.
+2. Extract: the extractor (M_r itself, or `extractor` for the consistency ablation) reads one
+   trajectory at a time (every turn's input and full output, and the final result) plus, optionally,
+   the knowledge so far, and writes 1-2 lessons on lines starting with `- EXPERIENCE ITEM:`. Only
+   those lines are kept (thinking stripped first) and appended; the knowledge is capped at
+   `knowledge_budget` tokens by dropping the oldest items whole. K independent accumulations over
+   n trajectories each (shuffled with seed k) give a pool of K knowledge texts. Every version is
+   saved as r{r}/knowledge/r{r}_k{k}_{i}.md (i = trajectories read so far).
+3. Consolidate (on-policy context distillation): prompts are the turn states of the deploy
+   trajectories. The student (current weights, no knowledge) samples one response per prompt at
+   temperature 0.7; the teacher (M_r frozen, one knowledge text drawn from the pool in its prompt)
+   scores the same response tokens. Loss: reverse KL(student || teacher) per response token over the
+   full vocabulary at temperature 0.7, averaged over tokens (kernels.fused_linear_kl). AdamW, constant
+   lr, grad clip 1.0. The result M_{r+1} is saved in Hub layout to r{r}/model.
+4. Evaluate: pass rate, steps and response tokens on the held-out test levels and the
+   out-of-distribution set (r{r}/eval.json and a row in metrics.jsonl; the base model is round -1).
+
+Every stage writes its outputs atomically and is skipped when they exist, so an interrupted run
+resumes at the first unfinished stage; consolidation also saves its state every `save_every` steps.
+
+Where we differ from the paper:
+- The loss is the exact KL over the whole vocabulary; the paper's top-256 student-token
+  approximation is available as `topk` > 0 for comparison.
+- Hyperparameters the paper does not give (steps, batch size, deploy games per round) are our defaults.
+- Trainable weights are float32 with bfloat16 autocast on a GPU; the frozen teacher is bfloat16.
+"""
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+import games
+import model as modeling
+from kernels import fused_linear_kl
+
+MARKER = "- EXPERIENCE ITEM:"
+
+
+@dataclass
+class OELConfig:
+    model: str = "Qwen/Qwen3-1.7B"  # checkpoint dir, Hub id, or 'tiny'
+    out_dir: str = "runs/oel"  # everything of a run lands here
+    game: str = "frozenlake"  # frozenlake | sokoban | textworld
+    ood_game: str = "textworld"  # the out-of-distribution set
+    rounds: int = 2  # R
+    seed: int = 0
+    thinking: bool | None = False  # chat mode: True thinking, False non-thinking, None instruct (2507)
+    # deploy and evaluation
+    n_train: int = 256  # training games played per round
+    n_test: int = 128  # held-out test levels (paper: 128)
+    n_ood: int = 64  # out-of-distribution games
+    max_turns: int = 5  # turns per episode
+    max_new_tokens: int = 1024  # tokens per turn (deploy, eval and the student's samples)
+    # extraction
+    extractor: str = ""  # optional separate extractor checkpoint (consistency ablation); '' = the model itself
+    K: int = 10  # independent accumulations (pool size)
+    n: int = 32  # trajectories read per accumulation (paper: 15-50)
+    knowledge_budget: int = 8192  # tokens (paper: 8192; 2048 for the smallest model)
+    show_knowledge: bool = True  # show the knowledge so far in the extraction prompt (paper hides it for 1.7B)
+    extract_max_new_tokens: int = 1024  # tokens per extraction response
+    # consolidation
+    steps: int = 50  # optimizer steps per round
+    batch_size: int = 16  # prompts per step
+    micro_batch: int = 4  # prompts per forward/backward
+    lr: float = 5e-6  # constant (paper: 5e-6 for 1.7B, 1e-6 for 4B/8B)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    kl_temperature: float = 0.7  # temperature of both distributions in the loss, and of the student's samples
+    topk: int = 0  # 0 = exact KL over the vocabulary; >0 = the paper's top-k student-token approximation
+    grad_ckpt: bool = True  # gradient checkpointing (on a GPU)
+    save_every: int = 10  # consolidation state saved every this many steps
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def atomic_write(path, text):
+    """Write text so that a reader sees either nothing or the whole file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_trajectories(path, trajs):
+    games.save_trajectories(f"{path}.tmp", trajs)
+    os.replace(f"{path}.tmp", path)
+
+
+def frozen_copy(m, dtype):
+    """A gradient-free copy of m in `dtype` (no intermediate full-precision copy): teacher and sampler."""
+    with torch.device("meta"):
+        c = modeling.Transformer(m.config)
+    c.load_state_dict({k: v.detach().to(dtype, copy=True) for k, v in m.state_dict().items()}, assign=True)
+    return c.eval().requires_grad_(False)
+
+
+def save_checkpoint(model, tok, path):
+    """Hub-layout checkpoint, renamed into place once complete."""
+    tmp = f"{path}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    modeling.save(model, tok, tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def render_trajectory(traj):
+    """Every turn's input and full output, the feedback, and the final result."""
+    parts = []
+    for i, t in enumerate(traj.turns, 1):
+        parts.append(f"### Turn {i}\nInput:\n{t.prompt}\n\nOutput:\n{t.response}\n\nFeedback: {t.feedback}")
+    result = "won" if traj.won else "lost"
+    parts.append(f"### Result\nThe game was {result} after {traj.steps} step(s).")
+    return "\n\n".join(parts)
+
+
+def extraction_prompt(traj, knowledge, show_knowledge):
+    """The user message asking for 1-2 new lessons from one trajectory."""
+    known = ""
+    if show_knowledge and knowledge:
+        known = f"## Experience gathered so far\n{knowledge}\n\n"
+    return (
+        "Below is one episode of a game that you played: every turn's input and your full output, "
+        "the feedback, and the final result.\n\n"
+        f"{known}## Episode\n{render_trajectory(traj)}\n\n"
+        "## Task\nWrite 1-2 new lessons from this episode that would help play such games better next "
+        "time: general and transferable (how the game works, what to do, what to avoid), not tied to "
+        "this particular level, and not repeating the experience gathered so far. Write each lesson on "
+        f"its own line starting with '{MARKER}'."
+    )
+
+
+def parse_items(text, limit=2):
+    """The first `limit` experience lines of a response, thinking stripped, marker included."""
+    items = []
+    for line in modeling.strip_thinking(text).splitlines():
+        line = line.strip()
+        if line.startswith(MARKER) and line[len(MARKER):].strip():
+            items.append(f"{MARKER} {line[len(MARKER):].strip()}")
+    return items[:limit]
+
+
+def trim_knowledge(items, tok, budget):
+    """Drop the oldest items whole until the knowledge text fits in `budget` tokens."""
+    items = list(items)
+    while items and len(tok.encode("\n".join(items))) > budget:
+        items.pop(0)
+    return items
+
+
+def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
+    """K independent accumulations, advanced in lockstep (one batched generate per trajectory index).
+
+    Every version is saved as knowledge/r{r}_k{k}_{i}.md; existing versions are read back, not redone.
+    Returns the pool: K knowledge texts.
+    """
+    kdir = os.path.join(out_dir, "knowledge")
+    os.makedirs(kdir, exist_ok=True)
+    n = min(cfg.n, len(trajs))
+    orders = [random.Random(cfg.seed * 1000 + 100 * r + k).sample(range(len(trajs)), n) for k in range(cfg.K)]
+    items = [[] for _ in range(cfg.K)]
+    for i in tqdm(range(1, n + 1), desc=f"round {r} extract", leave=False):
+        paths = [os.path.join(kdir, f"r{r}_k{k}_{i}.md") for k in range(cfg.K)]
+        if all(os.path.exists(p) for p in paths):  # resumed: this step is on disk
+            items = [[line for line in open(p).read().splitlines() if line] for p in paths]
+            continue
+        prompts = []
+        for k in range(cfg.K):
+            msg = extraction_prompt(trajs[orders[k][i - 1]], "\n".join(items[k]), cfg.show_knowledge)
+            prompts.append(tok.encode(tok.chat([{"role": "user", "content": msg}], thinking=cfg.thinking)))
+        outs = modeling.generate(extractor, tok, prompts, max_new_tokens=cfg.extract_max_new_tokens,
+                                 temperature=0.7, top_p=0.8, top_k=20, seed=cfg.seed * 1000 + 100 * r + i)
+        for k, out in enumerate(outs):
+            new = [it for it in parse_items(out.text) if it not in items[k]]
+            items[k] = trim_knowledge(items[k] + new, tok, cfg.knowledge_budget)
+            atomic_write(paths[k], "\n".join(items[k]) + "\n")
+    pool = ["\n".join(it) for it in items]
+    if not any(pool):
+        print(f"round {r} | warning: no experience items were extracted; the teacher sees an empty knowledge text")
+    return pool
+
+
+# ----------------------------------------------------------------------------- consolidation
+
+
+def topk_kl(s_logits, t_logits, temperature, k):
+    """The paper's approximation: reverse KL summed over the student's top-k tokens only. [N,V] -> scalar mean."""
+    s = torch.log_softmax(s_logits.float() / temperature, -1)
+    t = torch.log_softmax(t_logits.float() / temperature, -1)
+    s_top, idx = s.topk(k, dim=-1)  # [N,k]
+    return (s_top.exp() * (s_top - t.gather(-1, idx))).sum(-1).mean()
+
+
+def response_hidden(m, seqs, starts, lengths):
+    """Final hidden states at the positions that predict each response token, rows concatenated: [N,C].
+
+    seqs: prompt+response token lists; starts[i]: prompt length; lengths[i]: response length.
+    Right padding only, so plain causal attention is exact for the real tokens.
+    """
+    T = max(len(s) for s in seqs)
+    pad = torch.full((len(seqs), T), 0, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        pad[i, : len(s)] = torch.tensor(s)
+    h = m(pad.to(m.output_weight.device), return_hidden=True)  # [B,T,C]
+    return torch.cat([h[i, p - 1 : p - 1 + n] for i, (p, n) in enumerate(zip(starts, lengths))])
+
+
+def distill_loss(student, teacher, tok, batch, cfg):
+    """KL(student || teacher) summed over the response tokens of a micro-batch; also returns the token count.
+
+    batch: (game, state, knowledge, response_tokens) tuples. The student sees the state alone, the
+    teacher the state with the knowledge; both score the same response tokens.
+    """
+    def encode(game, state, knowledge):
+        msg = games.user_prompt(game, state, knowledge)
+        return tok.encode(tok.chat([{"role": "user", "content": msg}], thinking=cfg.thinking))
+
+    s_prompts = [encode(g, s, None) for g, s, _, _ in batch]
+    t_prompts = [encode(g, s, k) for g, s, k, _ in batch]
+    resp = [r for *_, r in batch]
+    lengths = [len(r) for r in resp]
+    n_tok = sum(lengths)
+    if n_tok == 0:
+        return None, 0
+    dev = student.output_weight.device
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    with amp:
+        h_s = response_hidden(student, [p + r for p, r in zip(s_prompts, resp)], [len(p) for p in s_prompts], lengths)
+        with torch.no_grad():
+            h_t = response_hidden(teacher, [p + r for p, r in zip(t_prompts, resp)], [len(p) for p in t_prompts], lengths)
+    dt = h_t.dtype
+    w_s, w_t = student.output_weight.to(dt), teacher.output_weight
+    if cfg.topk:
+        loss = topk_kl(h_s.to(dt) @ w_s.T, h_t @ w_t.T, cfg.kl_temperature, cfg.topk)
+    else:
+        loss = fused_linear_kl(h_s.to(dt), w_s, h_t, w_t, temperature=cfg.kl_temperature)
+    return loss * n_tok, n_tok
+
+
+def infer_dtype(device):
+    """Sampling, the teacher and evaluation run in bfloat16 on a GPU; everything is float32 on a CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def sample_batch(student, tok, prompts, pool, cfg, step, r):
+    """Draw `batch_size` (game, state) prompts and a knowledge text for each; the student samples responses."""
+    rng = random.Random(cfg.seed * 10**6 + r * 10**4 + step)
+    picks = [prompts[rng.randrange(len(prompts))] for _ in range(cfg.batch_size)]
+    know = [pool[rng.randrange(len(pool))] for _ in picks]
+    ids = [tok.encode(tok.chat([{"role": "user", "content": games.user_prompt(g, s)}], thinking=cfg.thinking))
+           for g, s in picks]
+    sampler = frozen_copy(student, infer_dtype(student.output_weight.device))  # the current weights, for fast sampling
+    outs = modeling.generate(sampler, tok, ids, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.kl_temperature, top_p=1.0, top_k=0, seed=rng.randrange(2**31))
+    return [(g, s, k, o.tokens) for (g, s), k, o in zip(picks, know, outs)]
+
+
+def consolidate(student, teacher, tok, prompts, pool, cfg, state_path=None, r=0):
+    """On-policy context distillation for cfg.steps steps, in place on `student`. Returns per-step logs.
+
+    prompts: (game, state) pairs; pool: knowledge texts. Resumes from `state_path` when it exists.
+    """
+    teacher.eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    start, logs = 0, []
+    if state_path and os.path.exists(state_path):
+        state = torch.load(state_path, map_location=student.output_weight.device)
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start, logs = state["step"], state["logs"]
+        print(f"round {r} | resuming consolidation at step {start}/{cfg.steps}")
+    student.gradient_checkpointing = cfg.grad_ckpt and student.output_weight.is_cuda
+    student.train()
+    for step in tqdm(range(start, cfg.steps), desc=f"round {r} consolidate", leave=False, initial=start, total=cfg.steps):
+        t0 = time.time()
+        batch = sample_batch(student, tok, prompts, pool, cfg, step, r)
+        n_total = sum(len(b[3]) for b in batch)
+        loss_sum = 0.0
+        for i in range(0, len(batch), cfg.micro_batch):
+            loss, n = distill_loss(student, teacher, tok, batch[i : i + cfg.micro_batch], cfg)
+            if n:
+                (loss / n_total).backward()
+                loss_sum += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        kl = float(loss_sum / max(n_total, 1))
+        logs.append({"step": step + 1, "kl": kl, "grad_norm": float(norm), "tokens": n_total, "ms": 1000 * (time.time() - t0)})
+        tqdm.write(f"round {r} | step {step + 1:03d}/{cfg.steps} | kl {kl:.4f} | grad {float(norm):.3f} "
+                   f"| tok {n_total / len(batch):.0f}/resp | {logs[-1]['ms']:.0f} ms")
+        if state_path and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            torch.save({"model": student.state_dict(), "opt": opt.state_dict(), "step": step + 1, "logs": logs},
+                       f"{state_path}.tmp")
+            os.replace(f"{state_path}.tmp", state_path)
+    student.eval()
+    return logs
+
+
+# ----------------------------------------------------------------------------- evaluation and the loop
+
+
+def rollout_cfg(cfg):
+    return games.RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
+                               temperature=0.7, top_p=0.8, top_k=20, thinking=cfg.thinking)
+
+
+def play(m, tok, game, split, n, seed, rcfg, contexts=(None,)):
+    """Roll out n games of a named set; game i gets contexts[i % len(contexts)] in its prompt."""
+    envs = games.make_games(game, split, n, seed=seed)
+    trajs = []
+    for j, ctx in enumerate(contexts):
+        if envs[j :: len(contexts)]:
+            trajs += games.rollout(m, tok, envs[j :: len(contexts)], rcfg, knowledge=ctx or None, seed=seed + j + 1)
+    return trajs
+
+
+def evaluate(m, tok, cfg, out_dir, tag="eval"):
+    """Test and out-of-distribution rollouts (trajectories saved, reused when present) -> {split: metrics}."""
+    result = {}
+    for split, game, n in (("test", cfg.game, cfg.n_test), ("ood", cfg.ood_game, cfg.n_ood)):
+        if n == 0:
+            continue
+        path = os.path.join(out_dir, f"{tag}_{split}.jsonl")
+        if os.path.exists(path):
+            trajs = games.load_trajectories(path)
+        else:
+            trajs = play(m, tok, game, split, n, cfg.seed, rollout_cfg(cfg))
+            save_trajectories(path, trajs)
+        result[split] = games.metrics(trajs)
+    return result
+
+
+def train_round(cfg, r, rdir, ckpt, device):
+    """Deploy, extract and consolidate round r from checkpoint `ckpt`; the result is saved to rdir/model."""
+    student, tok = modeling.load(ckpt, device=device, dtype=torch.float32)  # trainable weights in float32
+    frozen = frozen_copy(student, infer_dtype(device))  # the model at the start of the round
+    # 1. deploy
+    deploy = os.path.join(rdir, "deploy.jsonl")
+    if os.path.exists(deploy):
+        trajs = games.load_trajectories(deploy)
+    else:
+        envs = games.make_games(cfg.game, "train", cfg.n_train, seed=cfg.seed * 1000 + r)
+        trajs = games.rollout(frozen, tok, envs, rollout_cfg(cfg), seed=cfg.seed * 1000 + r)
+        save_trajectories(deploy, trajs)
+    m = games.metrics(trajs)
+    print(f"round {r} | deploy | pass {m['pass_rate']:.3f} | tokens/turn {m['tokens_per_turn']:.0f}")
+    # 2. extract
+    pool_path = os.path.join(rdir, "pool.json")
+    if os.path.exists(pool_path):
+        pool = json.load(open(pool_path))
+    else:
+        extractor = modeling.load(cfg.extractor, device, infer_dtype(device))[0] if cfg.extractor else frozen
+        pool = extract_pool(extractor, tok, trajs, cfg, rdir, r)
+        atomic_write(pool_path, json.dumps(pool, indent=2))
+        del extractor
+    # 3. consolidate: the teacher is the model frozen at the start of the round
+    state = os.path.join(rdir, "consolidate.pt")
+    prompts = [(t.game, turn.state) for t in trajs for turn in t.turns]
+    logs = consolidate(student, frozen, tok, prompts, pool, cfg, state, r)
+    atomic_write(os.path.join(rdir, "train_log.json"), json.dumps(logs))
+    save_checkpoint(student, tok, os.path.join(rdir, "model"))
+    os.remove(state)
+
+
+def run(cfg, device="cpu"):
+    """The whole OEL loop; every stage found on disk is skipped. Returns the metrics rows (base model: round -1)."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    atomic_write(os.path.join(cfg.out_dir, "config.json"), json.dumps(asdict(cfg), indent=2))
+    rows = []
+
+    def record(r, rdir, ckpt):
+        path = os.path.join(rdir, "eval.json")
+        if not os.path.exists(path):
+            m, tok = modeling.load(ckpt, device=device, dtype=infer_dtype(device))
+            atomic_write(path, json.dumps(evaluate(m, tok, cfg, rdir), indent=2))
+        res = json.load(open(path))
+        rows.append({"round": r, **{f"{s}_{k}": v for s, d in res.items() for k, v in d.items()}})
+        atomic_write(os.path.join(cfg.out_dir, "metrics.jsonl"), "".join(json.dumps(x) + "\n" for x in rows))
+        shown = ("test_pass_rate", "test_tokens_per_turn", "test_mean_steps", "ood_pass_rate")
+        print(f"round {r} | eval | " + " | ".join(f"{k} {rows[-1][k]:.3g}" for k in shown if k in rows[-1]))
+
+    ckpt = cfg.model  # the model at the start of round r
+    for r in range(-1, cfg.rounds):
+        rdir = os.path.join(cfg.out_dir, "base" if r < 0 else f"r{r}")
+        os.makedirs(rdir, exist_ok=True)
+        if r >= 0:
+            if not os.path.exists(os.path.join(rdir, "model")):
+                train_round(cfg, r, rdir, ckpt, device)
+            ckpt = os.path.join(rdir, "model")
+        record(r, rdir, ckpt)  # 4. evaluate
+    return rows

@@ -1,0 +1,230 @@
+import os
+from types import SimpleNamespace
+
+import pytest
+
+import games
+from games import (KNOWLEDGE_HEADING, FrozenLake, RolloutConfig, Sokoban, TextWorldGame, load_trajectories,
+                   make_games, metrics, parse_action, rollout, save_trajectories, user_prompt)
+
+
+def play(env, moves):
+    return [env.step(m) for m in moves]
+
+
+@pytest.mark.parametrize("game,options", [("frozenlake", {}), ("sokoban", {}), ("frozenlake", {"size": 4, "holes": 3}),
+                                          ("sokoban", {"size": 7, "boxes": 2, "max_moves": None})])
+def test_levels_solvable_and_solver_wins(game, options):
+    """Every generated level is solvable, and the solver's moves played through step() win on the last move."""
+    for env in make_games(game, "train", 50, seed=1, **options):
+        env.reset()
+        moves = env.solve()
+        assert moves and len(moves) == env.optimal
+        if game == "sokoban" and "max_moves" not in options:
+            assert 2 <= env.optimal <= 5  # never trivial, always winnable within the default 5 turns
+        results = play(env, moves)
+        assert [done for _, _, done, _ in results] == [False] * (len(moves) - 1) + [True]
+        assert [r for _, r, _, _ in results] == [0.0] * (len(moves) - 1) + [1.0]
+        assert results[-1][3]["won"]
+
+
+FL_START = """\
+Current Board:
+
++-----+-----+-----+
+|  P  |     |  H  |
++-----+-----+-----+
+|     |  H  |     |
++-----+-----+-----+
+|     |     |  G  |
++-----+-----+-----+
+
+Available Actions: [up], [down], [left], [right]"""
+
+
+def test_frozenlake_rules():
+    """Walking off the board wastes the move, a hole ends the game lost, the goal wins; TextArena's boards."""
+    env = FrozenLake()
+    assert env.load("P.H\n.H.\n..G") == FL_START
+    obs, reward, done, info = env.step("up")
+    assert obs == "You tried to move up but hit a wall!\n\n" + FL_START and not done and not info["won"]
+    obs, *_ = env.step("jump")
+    assert obs.startswith("Invalid action [jump]. Valid actions: [up], [down], [left], [right].\n\n")
+    obs, *_ = env.step(None)
+    assert obs.startswith("Invalid action: no action in square brackets found.")
+    obs, reward, done, info = env.step("right")
+    assert obs.startswith("You moved right to position (0, 1).\n\nCurrent Board:\n\n+-----+-----+-----+\n"
+                          "|     |  P  |  H  |")
+    obs, reward, done, info = env.step("down")
+    assert obs.startswith("You moved down to position (1, 1).\nYou fell into a hole! Game over.\n\n")
+    assert done and reward == 0.0 and not info["won"]
+    with pytest.raises(RuntimeError):
+        env.step("left")
+    env.load("P.H\n.H.\n..G")
+    assert env.solve() == ["down", "down", "right", "right"]
+    obs, reward, done, info = play(env, env.solve())[-1]
+    assert "Congratulations! You reached the goal!" in obs and "|     |     | P/G |" in obs
+    assert done and reward == 1.0 and info["won"]
+
+
+SOKOBAN = """\
+# # # # # #
+# X _ _ O #
+# P X X _ #
+# _ _ _ O #
+# _ _ _ O #
+# # # # # #"""
+
+
+def test_sokoban_rules():
+    """Walls and blocked pushes (box into a wall or a box) change nothing; pushes move the box; TextArena's boards."""
+    env = Sokoban()
+    start = f"Current Board:\n\n{SOKOBAN}\n\nAvailable Moves: up, down, left, right"
+    assert env.load(SOKOBAN) == start
+    for move, msg in [("left", "You cannot move into a wall!"), ("up", "You cannot push a box into a wall!"),
+                      ("right", "You cannot push a box into another box!")]:
+        obs, reward, done, _ = env.step(move)
+        assert obs == f"{msg}\n\n{start}" and reward == 0.0 and not done
+    msgs = [obs.split("\n")[0] for obs, *_ in play(env, ["down", "right", "up", "right", "up", "right"])]
+    assert msgs == ["You moved down.", "You moved right.", "You moved up and pushed a box.",
+                    "You moved right and pushed a box.", "You moved up.", "You moved right."]
+    assert env.board() == "# # # # # #\n# X X _ P #\n# _ _ _ X #\n# _ _ _ O #\n# _ _ _ O #\n# # # # # #\n"
+    env.step("down")  # onto a target: the box turns into √, the player leaves the target O behind
+    assert env.board() == "# # # # # #\n# X X _ O #\n# _ _ _ P #\n# _ _ _ √ #\n# _ _ _ O #\n# # # # # #\n"
+    env.load("# # # # #\n# P X O #\n# # # # #")
+    obs, reward, done, info = env.step("right")
+    assert obs.startswith("You moved right and pushed a box.\nCongratulations! You have solved the Sokoban puzzle!")
+    assert "# _ P √ #" in obs and done and reward == 1.0 and info["won"]
+
+
+def test_seeds_reproducible_and_disjoint():
+    """Same seed, same level; different seeds, different levels; train, test and ood never share a level seed."""
+    boards = lambda envs: [(e.reset(), e.board())[1] for e in envs]
+    for game in ("frozenlake", "sokoban"):
+        assert boards(make_games(game, "test", 20)) == boards(make_games(game, "test", 20))
+        assert len(set(boards(make_games(game, "train", 20, seed=3)))) > 8
+        assert boards(make_games(game, "train", 5, seed=1)) != boards(make_games(game, "train", 5, seed=2))
+    test = {e.seed for e in make_games("sokoban", "test", 128)}
+    train = {e.seed for r in range(20) for e in make_games("sokoban", "train", 256, seed=r)}
+    ood = {e.seed for s in range(3) for e in make_games("textworld", "ood", 64, seed=s)}
+    assert len(test) == 128 and not test & train and not test & ood and not train & ood
+
+
+def test_clear_errors():
+    """Unknown names and impossible sizes raise ValueError naming the problem."""
+    with pytest.raises(ValueError, match="unknown game 'chess'"):
+        make_games("chess", "test", 1)
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        make_games("sokoban", "dev", 1)
+    with pytest.raises(ValueError, match="unknown game"):
+        user_prompt("chess", "")
+    for make in (lambda: FrozenLake(size=3, holes=5), lambda: Sokoban(size=4), lambda: Sokoban(boxes=0),
+                 lambda: TextWorldGame(kind="zork"), lambda: TextWorldGame(level=7),
+                 lambda: make_games("frozenlake", "test", -1)):
+        with pytest.raises(ValueError):
+            make()
+
+
+@pytest.mark.parametrize("response,action", [
+    ("[up]", "up"), ("[UP]", "up"), ("Going right looks safe. [ Right ]\n", "right"),
+    ("<think>maybe [left]</think>\nSo: [down]", "down"), ("<think>maybe [left]</think> no idea", None),
+    ("<think>I will go [left]", None), ("no brackets at all", None), ("[up] or rather [left]", "left"),
+    ("[]", None), ("plan...</think>[Down]", "down"), ("[Go  North]", "go north")])
+def test_parse_action(response, action):
+    """The action is the last bracketed text after the thinking, lower-cased and trimmed."""
+    assert parse_action(response) == action
+
+
+def test_user_prompt_knowledge_and_no_rules():
+    """Knowledge appears under its heading only when given; the rules of the games are never stated."""
+    for game in ("frozenlake", "sokoban"):
+        plain = user_prompt(game, "Observation 1:\nBOARD")
+        assert KNOWLEDGE_HEADING not in plain and plain.endswith("BOARD\n\nWhat is your next action?")
+        assert "`P`" in plain and "[up], [down], [left], [right]" in plain and "square brackets" in plain
+        for word in ("hole", "box", "target", "push", "wall", "ice", "lose", "fall"):
+            assert word not in plain.lower()
+        with_k = user_prompt(game, "Observation 1:\nBOARD", "- EXPERIENCE ITEM: H is a hole.")
+        assert f"{KNOWLEDGE_HEADING}\n- EXPERIENCE ITEM: H is a hole." in with_k
+        assert with_k.index(KNOWLEDGE_HEADING) < with_k.index("BOARD")
+    assert "[go north]" in user_prompt("textworld", "x")
+
+
+def test_textworld_walkthrough_wins(tmp_path, monkeypatch):
+    """A generated TextWorld game: banner-free observations, the walkthrough wins, the cached game is reused."""
+    monkeypatch.setenv("OEL_CACHE", str(tmp_path))
+    env = TextWorldGame(kind="coin_collector", level=2)
+    first = obs = env.reset(5)
+    assert "$$" not in obs and "coin" in obs and "Available commands: [" in obs
+    obs, reward, done, _ = env.step(None)
+    assert obs.startswith("Invalid action: no action in square brackets found.") and not done
+    obs, reward, done, _ = env.step("restart")  # not an admissible command
+    assert obs.startswith("Invalid action [restart]. Valid actions: the commands listed below.") and not done
+    results = play(env, env.solve())
+    obs, reward, done, info = results[-1]
+    assert done and reward == 1.0 and info["won"] and "*** The End ***" not in obs
+    assert not any(d for _, _, d, _ in results[:-1])
+    files = sorted(os.listdir(tmp_path / "textworld"))
+    assert files == ["coin_collector-level2-s5.json", "coin_collector-level2-s5.z8"]  # no temporary leftovers
+    mtime = os.path.getmtime(tmp_path / "textworld" / files[1])
+    assert env.reset(5) == first
+    assert os.path.getmtime(tmp_path / "textworld" / files[1]) == mtime
+    env.close()
+
+
+def test_rollout_lockstep_scripted(monkeypatch):
+    """A scripted policy (the solver) wins every game in optimal steps; finished games leave the batch."""
+    import model
+
+    envs = make_games("sokoban", "test", 4) + make_games("frozenlake", "test", 4)
+    batches = []
+
+    def fake_generate(m, tok, prompts, **kw):
+        live = [e for e in envs if not e.done]
+        batches.append(len(prompts))
+        assert len(prompts) == len(live)
+        return [SimpleNamespace(text=f"<think>[left]?</think> I go [{e.solve()[0].upper()}]", tokens=[0] * 7)
+                for e in live]
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    tok = SimpleNamespace(encode=lambda s: [len(s)], chat=lambda messages, thinking: messages[0]["content"])
+    trajs = rollout(None, tok, envs, RolloutConfig(), seed=0)
+    assert all(t.won for t in trajs) and [t.steps for t in trajs] == [e.optimal for e in envs]
+    assert batches[0] == 8 and batches == sorted(batches, reverse=True) and len(batches) == max(e.optimal for e in envs)
+    m = metrics(trajs)
+    assert m["pass_rate"] == 1.0 and m["tokens_per_turn"] == 7 and m["n"] == 8
+    assert m["mean_steps"] == sum(e.optimal for e in envs) / 8
+
+
+def test_rollout_tiny_model_jsonl(tmp_path):
+    """The tiny model plays several games: well-formed trajectories, the turn cap holds, JSONL round-trips."""
+    import model
+
+    m, tok = model.load("tiny")
+    envs = make_games("frozenlake", "test", 3) + make_games("sokoban", "test", 3)
+    knowledge = "- EXPERIENCE ITEM: think less."
+    trajs = rollout(m, tok, envs, RolloutConfig(max_turns=3, max_new_tokens=16), knowledge=knowledge, seed=0)
+    assert [t.game for t in trajs] == ["frozenlake"] * 3 + ["sokoban"] * 3
+    for t, env in zip(trajs, envs):
+        assert t.seed == env.seed and 1 <= t.steps == len(t.turns) <= 3 and (t.steps == 3 or env.done)
+        assert t.response_tokens == sum(x.n_tokens for x in t.turns)
+        assert t.turns[0].state.startswith("Observation 1:\nCurrent Board:")
+        for i, turn in enumerate(t.turns):
+            assert turn.prompt == user_prompt(t.game, turn.state, knowledge)
+            assert 1 <= turn.n_tokens <= 16 and turn.action == parse_action(turn.response)
+            assert turn.feedback and turn.reward == float(t.won and i == t.steps - 1)
+            if i:
+                assert turn.state.startswith(t.turns[i - 1].state)
+    path = tmp_path / "trajs.jsonl"
+    save_trajectories(path, trajs)
+    assert load_trajectories(path) == trajs
+    assert metrics(load_trajectories(path))["n"] == 6
+
+
+def test_load_trajectories_malformed_line(tmp_path):
+    """A malformed line raises ValueError naming the file and the line number."""
+    path = tmp_path / "bad.jsonl"
+    save_trajectories(path, [games.Trajectory(game="sokoban", seed=1)])
+    with open(path, "a") as f:
+        f.write('\n{"game": "sokoban", "seed": 2, "turns": [{"state": "x"}]}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: malformed"):
+        load_trajectories(path)

@@ -1,0 +1,192 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import eval as evaluation
+import games
+import model as modeling
+import oel
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KNOWLEDGE = ("- EXPERIENCE ITEM: Stepping on H ends the game at once, so always walk around the holes.\n"
+             "- EXPERIENCE ITEM: The goal G is reached fastest by moving right and down along the edge.")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return modeling.load("tiny")
+
+
+def states(game, split, n, seed):
+    return [(game, f"Observation 1:\n{env.reset(env.seed)}") for env in games.make_games(game, split, n, seed=seed)]
+
+
+def fake_trajectory(i):
+    turn = games.Turn(state=f"state {i}", prompt=f"prompt {i}", response=f"<think>hm</think>[up] {i}", n_tokens=5,
+                      action="up", feedback="You moved up.", reward=0.0)
+    return games.Trajectory(game="frozenlake", seed=i, turns=[turn], won=i % 2 == 0, steps=1, response_tokens=5)
+
+
+def test_parse_items_keeps_marked_lines_after_thinking():
+    """Only marker lines outside the think block are kept, at most two, marker normalised."""
+    text = ("<think>\n- EXPERIENCE ITEM: thought, not a lesson\n</think>\nSure.\n"
+            "  - EXPERIENCE ITEM:   first lesson\nnoise\n- EXPERIENCE ITEM:\n- EXPERIENCE ITEM: second\n- EXPERIENCE ITEM: third")
+    assert oel.parse_items(text) == ["- EXPERIENCE ITEM: first lesson", "- EXPERIENCE ITEM: second"]
+    assert oel.parse_items("-   EXPERIENCE ITEM: x\nEXPERIENCE ITEM: y") == []  # the marker is a fixed string
+    assert oel.parse_items("<think>\n- EXPERIENCE ITEM: unfinished thought") == []
+
+
+def test_trim_knowledge_drops_oldest_items_whole(tiny):
+    """The budget is met by dropping the oldest items, never by cutting one."""
+    _, tok = tiny
+    items = [f"- EXPERIENCE ITEM: lesson number {i} about walking around the holes" for i in range(10)]
+    last3 = len(tok.encode("\n".join(items[-3:])))
+    kept = oel.trim_knowledge(items, tok, last3)
+    assert kept == items[-3:]
+    assert oel.trim_knowledge(items, tok, last3 - 1) == items[-2:]
+    assert oel.trim_knowledge(items, tok, 10**6) == items
+
+
+def test_extraction_prompt_shows_or_hides_knowledge():
+    """The extraction prompt has every turn's input and output and the result; knowledge only when shown."""
+    t = fake_trajectory(0)
+    shown = oel.extraction_prompt(t, KNOWLEDGE, show_knowledge=True)
+    hidden = oel.extraction_prompt(t, KNOWLEDGE, show_knowledge=False)
+    for text in (shown, hidden):
+        assert "prompt 0" in text and "<think>hm</think>[up] 0" in text and "won" in text and oel.MARKER in text
+    assert KNOWLEDGE in shown and KNOWLEDGE not in hidden
+
+
+def test_eval_mode_prompts_contain_their_context(tiny, tmp_path):
+    """none: no context; knowledge: the knowledge text; raw: whole rendered trajectories within the budget."""
+    _, tok = tiny
+    (tmp_path / "k.md").write_text(KNOWLEDGE)
+    trajs = [fake_trajectory(i) for i in range(6)]
+    games.save_trajectories(tmp_path / "t.jsonl", trajs)
+    state = states("frozenlake", "test", 1, 0)[0][1]
+    (none,) = evaluation.contexts("none", None, tok, 100)
+    (know,) = evaluation.contexts("knowledge", str(tmp_path / "k.md"), tok, 1000)
+    budget = len(tok.encode(evaluation.raw_context(trajs[-2:], tok, 10**6))) + 2
+    (raw,) = evaluation.contexts("raw", str(tmp_path / "t.jsonl"), tok, budget)
+    assert none is None and games.user_prompt("frozenlake", state, none) == games.user_prompt("frozenlake", state)
+    assert KNOWLEDGE in games.user_prompt("frozenlake", state, know)
+    p = games.user_prompt("frozenlake", state, raw)
+    assert oel.render_trajectory(trajs[5]) in p and oel.render_trajectory(trajs[4]) in p  # newest first, whole
+    assert "prompt 3" not in p  # the older ones did not fit
+    with pytest.raises(SystemExit, match="needs --context"):
+        evaluation.contexts("knowledge", str(tmp_path / "missing.md"), tok, 100)
+
+
+def heldout_kl(student, teacher, tok, prompts, cfg):
+    """Mean per-token KL(student || teacher) on fixed prompts, the student sampling with a fixed seed."""
+    with torch.no_grad():
+        batch = oel.sample_batch(student, tok, prompts, [KNOWLEDGE], cfg, step=10**3, r=7)
+        loss, n = oel.distill_loss(student, teacher, tok, batch, cfg)
+    return float(loss / n)
+
+
+def test_consolidation_halves_heldout_kl_and_only_trains_student():
+    """Distillation moves the student towards the knowledge-conditioned teacher on unseen states; the teacher is untouched."""
+    torch.manual_seed(0)
+    student, tok = modeling.load("tiny")
+    with torch.no_grad():  # the 0.02-std preset barely reads its context; larger weights make the knowledge matter
+        for p in student.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    teacher = oel.frozen_copy(student, torch.float32)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cfg = oel.OELConfig(max_new_tokens=16, batch_size=8, micro_batch=4, steps=30, lr=1e-3, grad_ckpt=False)
+    train_p, test_p = states("frozenlake", "train", 24, 0), states("frozenlake", "test", 8, 0)
+    kl0 = heldout_kl(student, teacher, tok, test_p, cfg)
+    logs = oel.consolidate(student, teacher, tok, train_p, [KNOWLEDGE], cfg)
+    kl1 = heldout_kl(student, teacher, tok, test_p, cfg)
+    assert kl0 > 0.05 and kl1 < 0.5 * kl0, (kl0, kl1)
+    assert len(logs) == cfg.steps and logs[-1]["kl"] < logs[0]["kl"]
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+
+
+def test_distill_loss_gradient_reaches_only_student(tiny):
+    """One backward of the distillation loss fills the student's gradients and none of the teacher's."""
+    student, tok = modeling.load("tiny")
+    teacher = oel.frozen_copy(student, torch.float32)
+    cfg = oel.OELConfig(max_new_tokens=8, batch_size=2, micro_batch=2)
+    batch = oel.sample_batch(student, tok, states("frozenlake", "train", 2, 0), [KNOWLEDGE], cfg, 0, 0)
+    loss, n = oel.distill_loss(student, teacher, tok, batch, cfg)
+    (loss / n).backward()
+    assert n == sum(len(b[3]) for b in batch) > 0
+    assert student.output_weight.grad is not None and student.output_weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_topk_kl_matches_exact_when_k_is_vocab(tiny):
+    """The paper's top-k approximation equals the exact loss when k covers the vocabulary."""
+    V = tiny[0].config.vocab_size
+    s, t = torch.randn(5, V, dtype=torch.float64), torch.randn(5, V, dtype=torch.float64)
+    exact = (torch.softmax(s / 0.7, -1) * (torch.log_softmax(s / 0.7, -1) - torch.log_softmax(t / 0.7, -1))).sum(-1).mean()
+    assert torch.allclose(oel.topk_kl(s, t, 0.7, V).double(), exact, rtol=1e-5)
+
+
+TINY_ARGS = ["--model", "tiny", "--rounds", "2", "--n_train", "4", "--n_test", "3", "--n_ood", "2", "--ood_game",
+             "sokoban", "--K", "2", "--n", "2", "--steps", "4", "--batch_size", "2", "--micro_batch", "2",
+             "--max_new_tokens", "12", "--extract_max_new_tokens", "12", "--max_turns", "2", "--save_every", "1"]
+
+
+def test_two_round_run_writes_everything_and_resumes_after_kill(tmp_path):
+    """A run killed mid-consolidation resumes at its saved step and redoes no finished stage."""
+    out = tmp_path / "run"
+    args = TINY_ARGS + ["--out_dir", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "r0" / "consolidate.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "r0" / "consolidate.pt").exists() and not (out / "r0" / "model").exists()
+    finished = {p: p.stat().st_mtime_ns for p in [out / "r0" / "deploy.jsonl", out / "r0" / "pool.json",
+                                                  out / "base" / "eval.json", *(out / "r0" / "knowledge").iterdir()]}
+    step = torch.load(out / "r0" / "consolidate.pt")["step"]
+    res = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming consolidation at step {step}/4" in res.stdout
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items())  # nothing redone
+    for r in (0, 1):
+        d = out / f"r{r}"
+        assert len(games.load_trajectories(d / "deploy.jsonl")) == 4
+        assert sorted(os.listdir(d / "knowledge")) == sorted(f"r{r}_k{k}_{i}.md" for k in range(2) for i in (1, 2))
+        assert len(json.loads((d / "pool.json").read_text())) == 2
+        assert len(json.loads((d / "train_log.json").read_text())) == 4
+        assert (d / "model" / "config.json").exists() and (d / "model" / "model.safetensors").exists()
+        assert not (d / "consolidate.pt").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [-1, 0, 1] and all(0 <= r["test_pass_rate"] <= 1 for r in rows)
+    assert json.loads((out / "config.json").read_text())["rounds"] == 2
+    r1, _ = modeling.load(str(out / "r1" / "model"))
+    assert not torch.equal(r1.output_weight, modeling.load("tiny")[0].output_weight)  # training changed the weights
+    assert evaluation.plot(str(out)).endswith("metrics.png") and (out / "metrics.png").exists()
+
+
+def test_train_rejects_bad_settings(tmp_path):
+    """Impossible settings and missing checkpoints fail early with a message naming the problem."""
+    with pytest.raises(SystemExit, match="--steps must be >= 1"):
+        train.check(train.parse_args(["--model", "tiny", "--steps", "0"]))
+    with pytest.raises(SystemExit, match="unknown game 'chess'"):
+        train.check(train.parse_args(["--model", "tiny", "--game", "chess"]))
+    with pytest.raises(SystemExit, match="no config.json"):
+        train.check(train.parse_args(["--model", str(tmp_path)]))
+    with pytest.raises(SystemExit, match="not a checkpoint directory"):
+        train.resolve_model("no/such/thing/here")
+    modeling.save(*modeling.load("tiny"), tmp_path / "ck")
+    with pytest.raises(SystemExit, match="more than the model's context"):
+        train.check(train.parse_args(["--model", str(tmp_path / "ck"), "--knowledge_budget", "100000"]))
+    with pytest.raises(SystemExit):
+        train.parse_args(["--thinking", "maybe"])

@@ -1,0 +1,115 @@
+"""
+The driver: the whole OEL loop on one GPU (or, with --model tiny, on a CPU in a few minutes).
+
+    python train.py                                   # Qwen3-1.7B on FrozenLake, 2 rounds (the paper's cheapest setting)
+    python train.py --model tiny                      # offline tiny model, small sizes, CPU
+    python train.py --model Qwen/Qwen3-4B-Instruct-2507 --game sokoban --thinking none --lr 1e-6
+
+Every flag is a field of oel.OELConfig (its comment is the help text). Rerunning the same command
+resumes an interrupted run at its first unfinished stage.
+"""
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import re
+
+import torch
+
+import games
+import model as modeling
+import oel
+
+# --model tiny: sizes that run the whole loop on a CPU in minutes (flags given explicitly still win)
+TINY = dict(out_dir="runs/tiny", n_train=8, n_test=8, n_ood=2, K=2, n=4, knowledge_budget=256, steps=4,
+            batch_size=4, micro_batch=4, max_new_tokens=32, extract_max_new_tokens=32, max_turns=3, save_every=2)
+
+
+def field_help():
+    """The comment after each OELConfig field, used as its --help text."""
+    src = inspect.getsource(oel.OELConfig)
+    return {m[1]: m[2] for m in re.finditer(r"^\s+(\w+): .*?#\s*(.*)$", src, re.M)}
+
+
+def parse_bool_or_none(s):
+    v = s.lower()
+    if v not in ("true", "false", "none", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true, false or none, got {s!r}")
+    return None if v == "none" else v in ("true", "1")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    helps = field_help()
+    for f in dataclasses.fields(oel.OELConfig):
+        kind = parse_bool_or_none if f.type in (bool, "bool", bool | None, "bool | None") else type(f.default)
+        p.add_argument(f"--{f.name}", type=kind, default=None, help=f"{helps.get(f.name, '')} (default: {f.default})")
+    args = vars(p.parse_args(argv))
+    given = {k: v for k, v in args.items() if v is not None}
+    preset = TINY if given.get("model") == "tiny" else {}
+    return oel.OELConfig(**{**preset, **given})
+
+
+def resolve_model(name):
+    """'tiny', a local checkpoint directory, or a Hub id fetched with huggingface_hub."""
+    if name == "tiny" or os.path.isdir(name):
+        return name
+    if name.count("/") != 1 or os.path.sep + os.path.sep in name or name.startswith((".", "/")):
+        raise SystemExit(f"error: --model {name!r} is not a checkpoint directory, 'tiny', or a Hub id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except Exception as e:
+        raise SystemExit(f"error: could not fetch {name!r} from the Hub ({type(e).__name__}: {e}); "
+                         "download it elsewhere and pass its directory to --model") from e
+
+
+def check(cfg):
+    """Fail early on settings that cannot work."""
+    for name in ("rounds", "K", "n", "n_train", "steps", "batch_size", "micro_batch", "max_turns",
+                 "max_new_tokens", "extract_max_new_tokens", "knowledge_budget", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"error: --{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.lr <= 0 or cfg.kl_temperature <= 0:
+        raise SystemExit("error: --lr and --kl_temperature must be > 0")
+    for g in (cfg.game, cfg.ood_game):
+        if g not in games.GAMES:
+            raise SystemExit(f"error: unknown game {g!r}; choose from {', '.join(games.GAMES)}")
+    if cfg.model != "tiny":
+        if not os.path.exists(os.path.join(cfg.model, "config.json")):
+            raise SystemExit(f"error: {cfg.model} has no config.json: not a Hub-layout checkpoint")
+        mc = modeling.ModelConfig.from_hf(cfg.model)
+        # the extraction prompt holds the knowledge, a whole trajectory and the response
+        need = cfg.knowledge_budget + cfg.max_turns * (cfg.max_new_tokens + 512) + cfg.extract_max_new_tokens
+        if need > mc.max_position_embeddings:
+            raise SystemExit(f"error: knowledge budget + trajectory + response need ~{need} tokens, more than the "
+                             f"model's context of {mc.max_position_embeddings}; lower --knowledge_budget or --max_new_tokens")
+
+
+def summary(rows):
+    cols = [("round", "round"), ("test_pass_rate", "test pass"), ("test_tokens_per_turn", "tok/turn"),
+            ("test_mean_steps", "steps"), ("ood_pass_rate", "ood pass")]
+    lines = [" | ".join(f"{h:>10}" for _, h in cols)]
+    for r in rows:
+        lines.append(" | ".join(f"{r.get(k, float('nan')):>10.3g}" if k != "round" else f"{('base' if r[k] < 0 else r[k]):>10}"
+                                for k, _ in cols))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    cfg.model = resolve_model(cfg.model)
+    if cfg.extractor:
+        cfg.extractor = resolve_model(cfg.extractor)
+    check(cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"oel | model {cfg.model} | game {cfg.game} | {cfg.rounds} rounds | device {device} | out {cfg.out_dir}")
+    print(json.dumps(dataclasses.asdict(cfg)))
+    rows = oel.run(cfg, device=device)
+    print(summary(rows))
+
+
+if __name__ == "__main__":
+    main()
