@@ -21,19 +21,6 @@ import games
 import model as modeling
 import oel
 
-def raw_context(trajs, tok, budget):
-    """Rendered trajectories, newest first, as many whole ones as fit in `budget` tokens."""
-    parts, used = [], 0
-    for t in reversed(trajs):
-        text = f"## Episode ({t.game})\n{oel.render_trajectory(t)}"
-        n = len(tok.encode(text))
-        if used + n > budget:
-            break
-        parts.append(text)
-        used += n
-    return "\n\n".join(parts)
-
-
 def contexts(mode, path, tok, budget):
     """The list of context texts for a mode (one per group of games); [None] for no context."""
     if mode == "none":
@@ -43,7 +30,7 @@ def contexts(mode, path, tok, budget):
     if mode == "knowledge":
         texts = json.load(open(path)) if path.endswith(".json") else [open(path).read()]
         return ["\n".join(oel.trim_knowledge(t.splitlines(), tok, budget)) for t in texts]
-    return [raw_context(games.load_trajectories(path), tok, budget)]
+    return [oel.raw_context(games.load_trajectories(path), tok, budget)]
 
 
 def plot(run_dir):

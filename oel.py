@@ -54,28 +54,30 @@ class OELConfig:
     game: str = "frozenlake"  # frozenlake | sokoban | textworld
     ood_game: str = "textworld"  # the out-of-distribution set
     rounds: int = 2  # R
-    seed: int = 0
+    seed: int = 0  # seeds every game set, shuffle and sample of the run
     thinking: bool | None = False  # chat mode: True thinking, False non-thinking, None instruct (2507)
     # deploy and evaluation
     n_train: int = 256  # training games played per round
     n_test: int = 128  # held-out test levels (paper: 128)
     n_ood: int = 64  # out-of-distribution games
+    rollout_batch: int = 128  # games played in lockstep at once (bounds the KV cache)
     max_turns: int = 5  # turns per episode
     max_new_tokens: int = 1024  # tokens per turn (deploy, eval and the student's samples)
     # extraction
     extractor: str = ""  # optional separate extractor checkpoint (consistency ablation); '' = the model itself
+    context: str = "knowledge"  # the teacher's context: extracted knowledge, or raw trajectories (the paper's ablation)
     K: int = 10  # independent accumulations (pool size)
     n: int = 32  # trajectories read per accumulation (paper: 15-50)
-    knowledge_budget: int = 8192  # tokens (paper: 8192; 2048 for the smallest model)
-    show_knowledge: bool = True  # show the knowledge so far in the extraction prompt (paper hides it for 1.7B)
+    knowledge_budget: int = 2048  # tokens (paper: 2048 for the 1.7B model, 8192 for 4B/8B)
+    show_knowledge: bool = False  # show the knowledge so far in the extraction prompt (paper: hidden for 1.7B only)
     extract_max_new_tokens: int = 1024  # tokens per extraction response
     # consolidation
     steps: int = 50  # optimizer steps per round
     batch_size: int = 16  # prompts per step
     micro_batch: int = 4  # prompts per forward/backward
     lr: float = 5e-6  # constant (paper: 5e-6 for 1.7B, 1e-6 for 4B/8B)
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    weight_decay: float = 0.01  # AdamW, betas (0.9, 0.999)
+    grad_clip: float = 1.0  # max gradient norm
     kl_temperature: float = 0.7  # temperature of both distributions in the loss, and of the student's samples
     topk: int = 0  # 0 = exact KL over the vocabulary; >0 = the paper's top-k student-token approximation
     grad_ckpt: bool = True  # gradient checkpointing (on a GPU)
@@ -162,6 +164,25 @@ def trim_knowledge(items, tok, budget):
     return items
 
 
+def accumulation_orders(cfg, r, n_trajs):
+    """For each of the K accumulations, the indices of the n trajectories it reads, in order (seeded by k)."""
+    return [random.Random(cfg.seed * 1000 + 100 * r + k).sample(range(n_trajs), min(cfg.n, n_trajs)) for k in range(cfg.K)]
+
+
+def raw_context(trajs, tok, budget):
+    """Rendered trajectories, newest first, as many whole ones as fit in `budget` tokens (the raw-trajectory
+    baseline: the same budget as the knowledge)."""
+    parts, used = [], 0
+    for t in reversed(trajs):
+        text = f"## Episode ({t.game})\n{render_trajectory(t)}"
+        n = len(tok.encode(text))
+        if used + n > budget:
+            break
+        parts.append(text)
+        used += n
+    return "\n\n".join(parts)
+
+
 def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
     """K independent accumulations, advanced in lockstep (one batched generate per trajectory index).
 
@@ -170,8 +191,8 @@ def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
     """
     kdir = os.path.join(out_dir, "knowledge")
     os.makedirs(kdir, exist_ok=True)
-    n = min(cfg.n, len(trajs))
-    orders = [random.Random(cfg.seed * 1000 + 100 * r + k).sample(range(len(trajs)), n) for k in range(cfg.K)]
+    orders = accumulation_orders(cfg, r, len(trajs))
+    n = len(orders[0])
     items = [[] for _ in range(cfg.K)]
     for i in tqdm(range(1, n + 1), desc=f"round {r} extract", leave=False):
         paths = [os.path.join(kdir, f"r{r}_k{k}_{i}.md") for k in range(cfg.K)]
@@ -188,10 +209,7 @@ def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
             new = [it for it in parse_items(out.text) if it not in items[k]]
             items[k] = trim_knowledge(items[k] + new, tok, cfg.knowledge_budget)
             atomic_write(paths[k], "\n".join(items[k]) + "\n")
-    pool = ["\n".join(it) for it in items]
-    if not any(pool):
-        print(f"round {r} | warning: no experience items were extracted; the teacher sees an empty knowledge text")
-    return pool
+    return ["\n".join(it) for it in items]
 
 
 # ----------------------------------------------------------------------------- consolidation
@@ -318,13 +336,15 @@ def rollout_cfg(cfg):
                                temperature=0.7, top_p=0.8, top_k=20, thinking=cfg.thinking)
 
 
-def play(m, tok, game, split, n, seed, rcfg, contexts=(None,)):
-    """Roll out n games of a named set; game i gets contexts[i % len(contexts)] in its prompt."""
+def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128):
+    """Roll out n games of a named set, `batch` at a time, the contexts spread evenly over the games."""
     envs = games.make_games(game, split, n, seed=seed)
     trajs = []
-    for j, ctx in enumerate(contexts):
-        if envs[j :: len(contexts)]:
-            trajs += games.rollout(m, tok, envs[j :: len(contexts)], rcfg, knowledge=ctx or None, seed=seed + j + 1)
+    for i in range(0, n, batch):
+        for j, ctx in enumerate(contexts):
+            group = envs[i : i + batch][j :: len(contexts)]
+            if group:
+                trajs += games.rollout(m, tok, group, rcfg, knowledge=ctx or None, seed=seed + 100 * i + j + 1)
     return trajs
 
 
@@ -338,7 +358,7 @@ def evaluate(m, tok, cfg, out_dir, tag="eval"):
         if os.path.exists(path):
             trajs = games.load_trajectories(path)
         else:
-            trajs = play(m, tok, game, split, n, cfg.seed, rollout_cfg(cfg))
+            trajs = play(m, tok, game, split, n, cfg.seed, rollout_cfg(cfg), batch=cfg.rollout_batch)
             save_trajectories(path, trajs)
         result[split] = games.metrics(trajs)
     return result
@@ -353,8 +373,8 @@ def train_round(cfg, r, rdir, ckpt, device):
     if os.path.exists(deploy):
         trajs = games.load_trajectories(deploy)
     else:
-        envs = games.make_games(cfg.game, "train", cfg.n_train, seed=cfg.seed * 1000 + r)
-        trajs = games.rollout(frozen, tok, envs, rollout_cfg(cfg), seed=cfg.seed * 1000 + r)
+        trajs = play(frozen, tok, cfg.game, "train", cfg.n_train, cfg.seed * 1000 + r, rollout_cfg(cfg),
+                     batch=cfg.rollout_batch)
         save_trajectories(deploy, trajs)
     m = games.metrics(trajs)
     print(f"round {r} | deploy | pass {m['pass_rate']:.3f} | tokens/turn {m['tokens_per_turn']:.0f}")
@@ -363,10 +383,17 @@ def train_round(cfg, r, rdir, ckpt, device):
     if os.path.exists(pool_path):
         pool = json.load(open(pool_path))
     else:
-        extractor = modeling.load(cfg.extractor, device, infer_dtype(device))[0] if cfg.extractor else frozen
-        pool = extract_pool(extractor, tok, trajs, cfg, rdir, r)
+        if cfg.context == "raw":
+            pool = [raw_context([trajs[i] for i in order], tok, cfg.knowledge_budget)
+                    for order in accumulation_orders(cfg, r, len(trajs))]
+        else:
+            extractor, etok = modeling.load(cfg.extractor, device, infer_dtype(device)) if cfg.extractor else (frozen, tok)
+            pool = extract_pool(extractor, etok, trajs, cfg, rdir, r)
+            del extractor
         atomic_write(pool_path, json.dumps(pool, indent=2))
-        del extractor
+    if not all(pool):
+        print(f"round {r} | warning: {sum(not p for p in pool)} of {len(pool)} teacher contexts are empty "
+              f"(no experience item extracted, or no whole trajectory fits the budget)")
     # 3. consolidate: the teacher is the model frozen at the start of the round
     state = os.path.join(rdir, "consolidate.pt")
     prompts = [(t.game, turn.state) for t in trajs for turn in t.turns]

@@ -68,12 +68,14 @@ def resolve_model(name):
 
 def check(cfg):
     """Fail early on settings that cannot work."""
-    for name in ("rounds", "K", "n", "n_train", "steps", "batch_size", "micro_batch", "max_turns",
+    for name in ("rounds", "K", "n", "n_train", "rollout_batch", "steps", "batch_size", "micro_batch", "max_turns",
                  "max_new_tokens", "extract_max_new_tokens", "knowledge_budget", "save_every"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"error: --{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.lr <= 0 or cfg.kl_temperature <= 0:
         raise SystemExit("error: --lr and --kl_temperature must be > 0")
+    if cfg.context not in ("knowledge", "raw"):
+        raise SystemExit(f"error: --context must be 'knowledge' or 'raw', got {cfg.context!r}")
     for g in (cfg.game, cfg.ood_game):
         if g not in games.GAMES:
             raise SystemExit(f"error: unknown game {g!r}; choose from {', '.join(games.GAMES)}")

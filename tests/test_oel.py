@@ -73,7 +73,7 @@ def test_eval_mode_prompts_contain_their_context(tiny, tmp_path):
     state = states("frozenlake", "test", 1, 0)[0][1]
     (none,) = evaluation.contexts("none", None, tok, 100)
     (know,) = evaluation.contexts("knowledge", str(tmp_path / "k.md"), tok, 1000)
-    budget = len(tok.encode(evaluation.raw_context(trajs[-2:], tok, 10**6))) + 2
+    budget = len(tok.encode(oel.raw_context(trajs[-2:], tok, 10**6))) + 2
     (raw,) = evaluation.contexts("raw", str(tmp_path / "t.jsonl"), tok, budget)
     assert none is None and games.user_prompt("frozenlake", state, none) == games.user_prompt("frozenlake", state)
     assert KNOWLEDGE in games.user_prompt("frozenlake", state, know)
@@ -190,3 +190,42 @@ def test_train_rejects_bad_settings(tmp_path):
         train.check(train.parse_args(["--model", str(tmp_path / "ck"), "--knowledge_budget", "100000"]))
     with pytest.raises(SystemExit):
         train.parse_args(["--thinking", "maybe"])
+
+
+def test_extract_pool_accumulates_saves_versions_and_resumes(tiny, tmp_path, monkeypatch):
+    """Each accumulation appends the new lessons of every trajectory it reads, under the budget, saving each version;
+    a rerun reads the saved versions instead of generating again."""
+    _, tok = tiny
+    trajs = [fake_trajectory(i) for i in range(5)]
+    calls = []
+
+    def fake_generate(m, tok, prompts, **kw):  # lesson names the trajectory read, so the order is visible
+        calls.append(len(prompts))
+        seeds = [int(tok.decode(p).split("prompt ")[1].split()[0]) for p in prompts]
+        return [modeling.Completion([], f"<think>x</think>\n{oel.MARKER} from {s}\nnoise\n{oel.MARKER} more {s}", [], True)
+                for s in seeds]
+
+    monkeypatch.setattr(oel.modeling, "generate", fake_generate)
+    cfg = oel.OELConfig(K=3, n=4, knowledge_budget=len(tok.encode(f"{oel.MARKER} more 1\n" * 5)))
+    pool = oel.extract_pool(None, tok, trajs, cfg, str(tmp_path), r=0)
+    orders = oel.accumulation_orders(cfg, 0, len(trajs))
+    assert calls == [3] * 4 and len(pool) == 3 and len({tuple(o) for o in orders}) > 1
+    for k, order in enumerate(orders):
+        every = [f"{oel.MARKER} {w} {i}" for i in order for w in ("from", "more")]
+        assert pool[k].splitlines() == oel.trim_knowledge(every, tok, cfg.knowledge_budget)
+        assert len(pool[k].splitlines()) < len(every)  # the budget dropped the oldest
+        assert (tmp_path / "knowledge" / f"r0_k{k}_1.md").read_text().splitlines() == every[:2]
+    calls.clear()
+    assert oel.extract_pool(None, tok, trajs, cfg, str(tmp_path), r=0) == pool and calls == []
+
+
+def test_raw_context_pool_replaces_extraction(tmp_path):
+    """With context 'raw' the teacher's pool is budget-capped rendered trajectories and nothing is extracted."""
+    cfg = oel.OELConfig(model="tiny", out_dir=str(tmp_path), rounds=1, context="raw", n_train=3, n_test=1, n_ood=0,
+                        K=2, n=3, knowledge_budget=3000, steps=1, batch_size=2, micro_batch=2, max_new_tokens=8,
+                        max_turns=2, save_every=1)
+    oel.run(cfg)
+    _, tok = modeling.load("tiny")
+    pool = json.loads((tmp_path / "r0" / "pool.json").read_text())
+    assert len(pool) == 2 and all(p.startswith("## Episode (frozenlake)") and len(tok.encode(p)) <= 3000 for p in pool)
+    assert not (tmp_path / "r0" / "knowledge").exists() and (tmp_path / "r0" / "model" / "config.json").exists()
