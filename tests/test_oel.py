@@ -229,3 +229,15 @@ def test_raw_context_pool_replaces_extraction(tmp_path):
     pool = json.loads((tmp_path / "r0" / "pool.json").read_text())
     assert len(pool) == 2 and all(p.startswith("## Episode (frozenlake)") and len(tok.encode(p)) <= 3000 for p in pool)
     assert not (tmp_path / "r0" / "knowledge").exists() and (tmp_path / "r0" / "model" / "config.json").exists()
+
+
+def test_eval_cli_writes_result_and_trajectories(tmp_path):
+    """eval.py plays a game set with a knowledge file in context and writes metrics JSON and trajectories."""
+    (tmp_path / "k.md").write_text(KNOWLEDGE)
+    out = tmp_path / "res.json"
+    evaluation.main(["--model", "tiny", "--game", "sokoban", "--n", "3", "--mode", "knowledge", "--context",
+                     str(tmp_path / "k.md"), "--max_turns", "2", "--max_new_tokens", "6", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["n"] == 3 and res["mode"] == "knowledge" and 0 <= res["pass_rate"] <= 1
+    trajs = games.load_trajectories(tmp_path / "res.jsonl")
+    assert len(trajs) == 3 and all(KNOWLEDGE in t.turns[0].prompt for t in trajs)
