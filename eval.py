@@ -63,6 +63,7 @@ def main(argv=None):
     p.add_argument("--game", default="frozenlake", help="frozenlake | sokoban | textworld")
     p.add_argument("--split", default="test", help="train | test | ood")
     p.add_argument("--n", type=int, default=128, help="number of games")
+    p.add_argument("--options", default="", help="JSON settings of the game, e.g. '{\"size\": 4, \"holes\": 3}'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", default="none", choices=["none", "knowledge", "raw"], help="what goes into the prompt")
     p.add_argument("--context", help="knowledge .md / pool.json (mode knowledge) or trajectories .jsonl (mode raw)")
@@ -84,7 +85,7 @@ def main(argv=None):
     rcfg = games.RolloutConfig(max_turns=a.max_turns, max_new_tokens=a.max_new_tokens, temperature=0.7,
                                top_p=0.8, top_k=20, thinking=parse_bool_or_none(a.thinking))
     ctxs = contexts(a.mode, a.context, tok, a.budget)
-    trajs = oel.play(m, tok, a.game, a.split, a.n, a.seed, rcfg, ctxs)
+    trajs = oel.play(m, tok, a.game, a.split, a.n, a.seed, rcfg, ctxs, options=json.loads(a.options or "{}"))
     metrics = games.metrics(trajs)
     out = a.out or f"eval_{a.game}_{a.split}_{a.mode}.json"
     oel.atomic_write(out, json.dumps({"model": a.model, "game": a.game, "split": a.split, "mode": a.mode,

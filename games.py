@@ -358,7 +358,9 @@ ENVS = {"frozenlake": FrozenLake, "sokoban": Sokoban, "textworld": TextWorldGame
 
 
 def level_seed(split: str, seed: int, i: int) -> int:
-    """Seed of game i of the set (split, seed); different sets never share a level."""
+    """Seed of game i of the set (split, seed); different sets never share a level seed. Boards can still
+    coincide where the level space is small: FrozenLake 3x3 with 2 holes has only 21 layouts, so its test
+    boards also occur in training (as in the paper's setting); 6x6 Sokoban levels rarely repeat."""
     return 3 * (seed * MAX_GAMES + i) + SPLITS.index(split)
 
 

@@ -91,7 +91,7 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x):
-        return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+        return F.rms_norm(x, x.shape[-1:], self.weight.to(x.dtype), self.eps)  # same dtypes: the fused kernel
 
 
 def rope_inv_freq(cfg: ModelConfig, device) -> torch.Tensor:
@@ -131,7 +131,13 @@ class KVCache:
         return (m | (keys == cols[:, None]))[:, None]  # attending to itself keeps left-pad queries finite
 
     def select(self, rows):  # keep (or repeat) batch rows
-        self.k, self.v, self.pad = self.k[:, rows], self.v[:, rows], self.pad[rows]
+        n = len(rows)
+        if n <= self.k.size(1):  # compaction: reuse the buffers instead of holding a second full cache
+            self.k[:, :n], self.v[:, :n] = self.k[:, rows], self.v[:, rows]
+            self.k, self.v = self.k[:, :n], self.v[:, :n]
+        else:
+            self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.pad = self.pad[rows]
 
 
 class Attention(nn.Module):

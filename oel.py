@@ -27,7 +27,9 @@ Where we differ from the paper:
 - The loss is the exact KL over the whole vocabulary; the paper's top-256 student-token
   approximation is available as `topk` > 0 for comparison.
 - Hyperparameters the paper does not give (steps, batch size, deploy games per round) are our defaults.
-- Trainable weights are float32 with bfloat16 autocast on a GPU; the frozen teacher is bfloat16.
+- Trainable weights are float32 with bfloat16 autocast on a GPU; the frozen teacher (and the copy the
+  student samples with) is bfloat16, so even with an empty knowledge text the two differ slightly
+  (a small KL floor from rounding, ~1e-4 per token on the tiny model).
 """
 
 import json
@@ -52,6 +54,7 @@ class OELConfig:
     model: str = "Qwen/Qwen3-1.7B"  # checkpoint dir, Hub id, or 'tiny'
     out_dir: str = "runs/oel"  # everything of a run lands here
     game: str = "frozenlake"  # frozenlake | sokoban | textworld
+    game_options: str = ""  # JSON settings of the game, e.g. '{"size": 4, "holes": 3}' ('' = the paper's)
     ood_game: str = "textworld"  # the out-of-distribution set
     rounds: int = 2  # R
     seed: int = 0  # seeds every game set, shuffle and sample of the run
@@ -132,16 +135,17 @@ def render_trajectory(traj):
 
 def extraction_prompt(traj, knowledge, show_knowledge):
     """The user message asking for 1-2 new lessons from one trajectory."""
-    known = ""
+    known, repeat = "", ""
     if show_knowledge and knowledge:
         known = f"## Experience gathered so far\n{knowledge}\n\n"
+        repeat = ", and not repeating the experience gathered so far"
     return (
         "Below is one episode of a game that you played: every turn's input and your full output, "
         "the feedback, and the final result.\n\n"
         f"{known}## Episode\n{render_trajectory(traj)}\n\n"
         "## Task\nWrite 1-2 new lessons from this episode that would help play such games better next "
         "time: general and transferable (how the game works, what to do, what to avoid), not tied to "
-        "this particular level, and not repeating the experience gathered so far. Write each lesson on "
+        f"this particular level{repeat}. Write each lesson on "
         f"its own line starting with '{MARKER}'."
     )
 
@@ -293,7 +297,8 @@ def consolidate(student, teacher, tok, prompts, pool, cfg, state_path=None, r=0)
     prompts: (game, state) pairs; pool: knowledge texts. Resumes from `state_path` when it exists.
     """
     teacher.eval().requires_grad_(False)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
+                            fused=student.output_weight.is_cuda)  # fused: no full-size temporaries on the GPU
     start, logs = 0, []
     if state_path and os.path.exists(state_path):
         state = torch.load(state_path, map_location=student.output_weight.device)
@@ -336,9 +341,9 @@ def rollout_cfg(cfg):
                                temperature=0.7, top_p=0.8, top_k=20, thinking=cfg.thinking)
 
 
-def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128):
+def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, options=None):
     """Roll out n games of a named set, `batch` at a time, the contexts spread evenly over the games."""
-    envs = games.make_games(game, split, n, seed=seed)
+    envs = games.make_games(game, split, n, seed=seed, **(options or {}))
     trajs = []
     for i in range(0, n, batch):
         for j, ctx in enumerate(contexts):
@@ -351,14 +356,15 @@ def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128):
 def evaluate(m, tok, cfg, out_dir, tag="eval"):
     """Test and out-of-distribution rollouts (trajectories saved, reused when present) -> {split: metrics}."""
     result = {}
-    for split, game, n in (("test", cfg.game, cfg.n_test), ("ood", cfg.ood_game, cfg.n_ood)):
+    options = json.loads(cfg.game_options or "{}")
+    for split, game, n, opts in (("test", cfg.game, cfg.n_test, options), ("ood", cfg.ood_game, cfg.n_ood, None)):
         if n == 0:
             continue
         path = os.path.join(out_dir, f"{tag}_{split}.jsonl")
         if os.path.exists(path):
             trajs = games.load_trajectories(path)
         else:
-            trajs = play(m, tok, game, split, n, cfg.seed, rollout_cfg(cfg), batch=cfg.rollout_batch)
+            trajs = play(m, tok, game, split, n, cfg.seed, rollout_cfg(cfg), batch=cfg.rollout_batch, options=opts)
             save_trajectories(path, trajs)
         result[split] = games.metrics(trajs)
     return result
@@ -366,15 +372,14 @@ def evaluate(m, tok, cfg, out_dir, tag="eval"):
 
 def train_round(cfg, r, rdir, ckpt, device):
     """Deploy, extract and consolidate round r from checkpoint `ckpt`; the result is saved to rdir/model."""
-    student, tok = modeling.load(ckpt, device=device, dtype=torch.float32)  # trainable weights in float32
-    frozen = frozen_copy(student, infer_dtype(device))  # the model at the start of the round
+    frozen, tok = modeling.load(ckpt, device=device, dtype=infer_dtype(device))  # the model at the start of the round
     # 1. deploy
     deploy = os.path.join(rdir, "deploy.jsonl")
     if os.path.exists(deploy):
         trajs = games.load_trajectories(deploy)
     else:
         trajs = play(frozen, tok, cfg.game, "train", cfg.n_train, cfg.seed * 1000 + r, rollout_cfg(cfg),
-                     batch=cfg.rollout_batch)
+                     batch=cfg.rollout_batch, options=json.loads(cfg.game_options or "{}"))
         save_trajectories(deploy, trajs)
     m = games.metrics(trajs)
     print(f"round {r} | deploy | pass {m['pass_rate']:.3f} | tokens/turn {m['tokens_per_turn']:.0f}")
@@ -397,15 +402,32 @@ def train_round(cfg, r, rdir, ckpt, device):
     # 3. consolidate: the teacher is the model frozen at the start of the round
     state = os.path.join(rdir, "consolidate.pt")
     prompts = [(t.game, turn.state) for t in trajs for turn in t.turns]
+    student = modeling.load(ckpt, device=device, dtype=torch.float32)[0]  # trainable weights in float32
     logs = consolidate(student, frozen, tok, prompts, pool, cfg, state, r)
     atomic_write(os.path.join(rdir, "train_log.json"), json.dumps(logs))
     save_checkpoint(student, tok, os.path.join(rdir, "model"))
     os.remove(state)
 
 
+RESUMABLE = ("rounds", "rollout_batch", "micro_batch", "save_every")  # may change when a run is resumed
+
+
+def check_resume(cfg):
+    """Refuse to resume a run folder whose finished stages were made with other settings."""
+    path = os.path.join(cfg.out_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    old = json.load(open(path))
+    diff = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and old.get(k, v) != v]
+    if diff:
+        raise SystemExit(f"error: {cfg.out_dir} holds a run made with other settings ({', '.join(diff)}); "
+                         "rerun with the same flags to resume it, or pass a new --out_dir")
+
+
 def run(cfg, device="cpu"):
     """The whole OEL loop; every stage found on disk is skipped. Returns the metrics rows (base model: round -1)."""
     os.makedirs(cfg.out_dir, exist_ok=True)
+    check_resume(cfg)
     atomic_write(os.path.join(cfg.out_dir, "config.json"), json.dumps(asdict(cfg), indent=2))
     rows = []
 
@@ -427,6 +449,8 @@ def run(cfg, device="cpu"):
         if r >= 0:
             if not os.path.exists(os.path.join(rdir, "model")):
                 train_round(cfg, r, rdir, ckpt, device)
+            elif os.path.exists(os.path.join(rdir, "consolidate.pt")):  # killed between saving the model and this
+                os.remove(os.path.join(rdir, "consolidate.pt"))
             ckpt = os.path.join(rdir, "model")
         record(r, rdir, ckpt)  # 4. evaluate
     return rows

@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 
 import torch
 
@@ -79,6 +80,10 @@ def check(cfg):
     for g in (cfg.game, cfg.ood_game):
         if g not in games.GAMES:
             raise SystemExit(f"error: unknown game {g!r}; choose from {', '.join(games.GAMES)}")
+    try:
+        games.make_games(cfg.game, "test", 1, **json.loads(cfg.game_options or "{}"))
+    except (ValueError, TypeError) as e:  # bad JSON, unknown or impossible settings
+        raise SystemExit(f"error: --game_options {cfg.game_options!r} for {cfg.game}: {e}") from None
     if cfg.model != "tiny":
         if not os.path.exists(os.path.join(cfg.model, "config.json")):
             raise SystemExit(f"error: {cfg.model} has no config.json: not a Hub-layout checkpoint")
@@ -88,6 +93,23 @@ def check(cfg):
         if need > mc.max_position_embeddings:
             raise SystemExit(f"error: knowledge budget + trajectory + response need ~{need} tokens, more than the "
                              f"model's context of {mc.max_position_embeddings}; lower --knowledge_budget or --max_new_tokens")
+        P = num_params(mc)
+        disk = (4 * cfg.rounds + 2 * 12) * P  # float32 round checkpoints; consolidation state (weights + Adam) twice while replaced
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if shutil.disk_usage(cfg.out_dir).free < disk:
+            raise SystemExit(f"error: {cfg.out_dir} has {shutil.disk_usage(cfg.out_dir).free / 2**30:.0f} GiB free; "
+                             f"the run needs ~{disk / 2**30:.0f} GiB (checkpoints and consolidation state)")
+        gpu = 18 * P  # float32 weights, gradients and Adam moments, plus the bfloat16 teacher
+        if torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < gpu:
+            raise SystemExit(f"error: training a {P / 1e9:.1f}B model needs ~{gpu / 2**30:.0f} GiB of GPU memory "
+                             "before activations; this GPU has less")
+
+
+def num_params(mc):
+    """Parameter count implied by a ModelConfig."""
+    attn = mc.hidden_size * mc.head_dim * (2 * mc.num_attention_heads + 2 * mc.num_key_value_heads)
+    layer = attn + 3 * mc.hidden_size * mc.intermediate_size
+    return mc.vocab_size * mc.hidden_size * (1 if mc.tie_word_embeddings else 2) + mc.num_hidden_layers * layer
 
 
 def summary(rows):

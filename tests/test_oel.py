@@ -135,20 +135,21 @@ def test_topk_kl_matches_exact_when_k_is_vocab(tiny):
 
 
 TINY_ARGS = ["--model", "tiny", "--rounds", "2", "--n_train", "4", "--n_test", "3", "--n_ood", "2", "--ood_game",
-             "sokoban", "--K", "2", "--n", "2", "--steps", "4", "--batch_size", "2", "--micro_batch", "2",
+             "sokoban", "--K", "2", "--n", "2", "--steps", "12", "--batch_size", "2", "--micro_batch", "2", "--lr", "1e-3",
              "--max_new_tokens", "12", "--extract_max_new_tokens", "12", "--max_turns", "2", "--save_every", "1"]
 
 
 def test_two_round_run_writes_everything_and_resumes_after_kill(tmp_path):
-    """A run killed mid-consolidation resumes at its saved step and redoes no finished stage."""
-    out = tmp_path / "run"
+    """A run killed mid-consolidation resumes at its saved step, redoes no finished stage, and ends with the
+    same weights as an uninterrupted run."""
+    out, ref = tmp_path / "run", tmp_path / "ref"
     args = TINY_ARGS + ["--out_dir", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (out / "r0" / "consolidate.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (out / "r0" / "consolidate.pt").exists() and not (out / "r0" / "model").exists()
@@ -157,14 +158,14 @@ def test_two_round_run_writes_everything_and_resumes_after_kill(tmp_path):
     step = torch.load(out / "r0" / "consolidate.pt")["step"]
     res = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"resuming consolidation at step {step}/4" in res.stdout
+    assert 0 < step < 12 and f"resuming consolidation at step {step}/12" in res.stdout
     assert all(p.stat().st_mtime_ns == t for p, t in finished.items())  # nothing redone
     for r in (0, 1):
         d = out / f"r{r}"
         assert len(games.load_trajectories(d / "deploy.jsonl")) == 4
         assert sorted(os.listdir(d / "knowledge")) == sorted(f"r{r}_k{k}_{i}.md" for k in range(2) for i in (1, 2))
         assert len(json.loads((d / "pool.json").read_text())) == 2
-        assert len(json.loads((d / "train_log.json").read_text())) == 4
+        assert len(json.loads((d / "train_log.json").read_text())) == 12
         assert (d / "model" / "config.json").exists() and (d / "model" / "model.safetensors").exists()
         assert not (d / "consolidate.pt").exists()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -172,6 +173,15 @@ def test_two_round_run_writes_everything_and_resumes_after_kill(tmp_path):
     assert json.loads((out / "config.json").read_text())["rounds"] == 2
     r1, _ = modeling.load(str(out / "r1" / "model"))
     assert not torch.equal(r1.output_weight, modeling.load("tiny")[0].output_weight)  # training changed the weights
+    res = subprocess.run([sys.executable, "train.py", *TINY_ARGS, "--out_dir", str(ref)], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r1_ref, _ = modeling.load(str(ref / "r1" / "model"))
+    for (k, v), v_ref in zip(r1.state_dict().items(), r1_ref.state_dict().values()):
+        assert torch.allclose(v, v_ref, rtol=0, atol=1e-6), k
+    with pytest.raises(SystemExit, match=r"other settings \(K, lr\)"):
+        oel.check_resume(train.parse_args(args + ["--K", "3", "--lr", "0.1"]))
+    oel.check_resume(train.parse_args(args + ["--rounds", "3"]))  # extending a run is fine
     assert evaluation.plot(str(out)).endswith("metrics.png") and (out / "metrics.png").exists()
 
 
@@ -190,6 +200,10 @@ def test_train_rejects_bad_settings(tmp_path):
         train.check(train.parse_args(["--model", str(tmp_path / "ck"), "--knowledge_budget", "100000"]))
     with pytest.raises(SystemExit):
         train.parse_args(["--thinking", "maybe"])
+    with pytest.raises(SystemExit, match="--game_options"):
+        train.check(train.parse_args(["--model", "tiny", "--game_options", '{"size": 1}']))
+    with pytest.raises(SystemExit, match="--game_options"):
+        train.check(train.parse_args(["--model", "tiny", "--game_options", "{size"]))
 
 
 def test_extract_pool_accumulates_saves_versions_and_resumes(tiny, tmp_path, monkeypatch):
@@ -220,8 +234,10 @@ def test_extract_pool_accumulates_saves_versions_and_resumes(tiny, tmp_path, mon
 
 
 def test_raw_context_pool_replaces_extraction(tmp_path):
-    """With context 'raw' the teacher's pool is budget-capped rendered trajectories and nothing is extracted."""
+    """With context 'raw' the teacher's pool is budget-capped rendered trajectories and nothing is extracted;
+    game settings reach every game set."""
     cfg = oel.OELConfig(model="tiny", out_dir=str(tmp_path), rounds=1, context="raw", n_train=3, n_test=1, n_ood=0,
+                        game_options='{"size": 4, "holes": 3}',
                         K=2, n=3, knowledge_budget=3000, steps=1, batch_size=2, micro_batch=2, max_new_tokens=8,
                         max_turns=2, save_every=1)
     oel.run(cfg)
@@ -229,6 +245,9 @@ def test_raw_context_pool_replaces_extraction(tmp_path):
     pool = json.loads((tmp_path / "r0" / "pool.json").read_text())
     assert len(pool) == 2 and all(p.startswith("## Episode (frozenlake)") and len(tok.encode(p)) <= 3000 for p in pool)
     assert not (tmp_path / "r0" / "knowledge").exists() and (tmp_path / "r0" / "model" / "config.json").exists()
+    for path in ("r0/deploy.jsonl", "base/eval_test.jsonl"):  # the game settings reach deploy and evaluation
+        board = games.load_trajectories(tmp_path / path)[0].turns[0].state
+        assert "+-----+-----+-----+-----+" in board and board.count("  H  ") == 3
 
 
 def test_eval_cli_writes_result_and_trajectories(tmp_path):
