@@ -47,7 +47,7 @@ def plot(run_dir):
     a.plot(x, [100 * r["test_pass_rate"] for r in rows], "o-", label="test")
     if "ood_pass_rate" in rows[0]:
         a.plot(x, [100 * r["ood_pass_rate"] for r in rows], "s--", label="out-of-distribution")
-    a.set(xlabel="round", ylabel="pass rate (%)", xticks=x)
+    a.set(xlabel="round", ylabel="pass rate (%)", xticks=x, ylim=(0, 100))
     a.legend()
     b.plot(x, [r["test_tokens_per_turn"] for r in rows], "o-")
     b.set(xlabel="round", ylabel="response tokens per turn", xticks=x)

@@ -56,7 +56,7 @@ class OELConfig:
     game: str = "frozenlake"  # frozenlake | sokoban | textworld
     game_options: str = ""  # JSON settings of the game, e.g. '{"size": 4, "holes": 3}' ('' = the paper's)
     ood_game: str = "textworld"  # the out-of-distribution set
-    rounds: int = 2  # R
+    rounds: int = 2  # R: rounds of deploy, extract, consolidate, evaluate
     seed: int = 0  # seeds every game set, shuffle and sample of the run
     thinking: bool | None = False  # chat mode: True thinking, False non-thinking, None instruct (2507)
     # deploy and evaluation

@@ -1,5 +1,5 @@
 """
-The driver: the whole OEL loop on one GPU (or, with --model tiny, on a CPU in a few minutes).
+The driver: the whole OEL loop on one GPU (or, with --model tiny, on a CPU in about a minute).
 
     python train.py                                   # Qwen3-1.7B on FrozenLake, 2 rounds (the paper's cheapest setting)
     python train.py --model tiny                      # offline tiny model, small sizes, CPU
