@@ -21,7 +21,8 @@ The algorithm, round r = 0 .. R-1, starting from the model M_r (M_0 = the given 
    out-of-distribution set (r{r}/eval.json and a row in metrics.jsonl; the base model is round -1).
 
 Every stage writes its outputs atomically and is skipped when they exist, so an interrupted run
-resumes at the first unfinished stage; consolidation also saves its state every `save_every` steps.
+resumes at the first unfinished stage; rollouts keep each finished batch of games, and consolidation
+saves its state every `save_every` steps.
 
 Where we differ from the paper:
 - The loss is the exact KL over the whole vocabulary; the paper's top-256 student-token
@@ -259,7 +260,8 @@ def distill_loss(student, teacher, tok, batch, cfg):
     if n_tok == 0:
         return None, 0
     dev = student.output_weight.device
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    # a bfloat16 teacher (on a GPU) means mixed precision: the float32 student runs under autocast
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=teacher.output_weight.dtype == torch.bfloat16)
     with amp:
         h_s = response_hidden(student, [p + r for p, r in zip(s_prompts, resp)], [len(p) for p in s_prompts], lengths)
         with torch.no_grad():
@@ -341,15 +343,33 @@ def rollout_cfg(cfg):
                                temperature=0.7, top_p=0.8, top_k=20, thinking=cfg.thinking)
 
 
-def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, options=None):
-    """Roll out n games of a named set, `batch` at a time, the contexts spread evenly over the games."""
+def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, options=None, path=None):
+    """Roll out n games of a named set, `batch` at a time, the contexts spread evenly over the games.
+
+    With `path`, the set is saved there as JSONL (and read back if present); each finished batch is also
+    saved to path.part{b} until the set is complete, so an interrupted run replays only the unfinished batch.
+    """
+    if path and os.path.exists(path):
+        return games.load_trajectories(path)
     envs = games.make_games(game, split, n, seed=seed, **(options or {}))
-    trajs = []
+    trajs, parts = [], []
     for i in range(0, n, batch):
+        parts.append(f"{path}.part{len(parts)}")
+        if path and os.path.exists(parts[-1]):
+            trajs += games.load_trajectories(parts[-1])
+            continue
+        done = []
         for j, ctx in enumerate(contexts):
             group = envs[i : i + batch][j :: len(contexts)]
             if group:
-                trajs += games.rollout(m, tok, group, rcfg, knowledge=ctx or None, seed=seed + 100 * i + j + 1)
+                done += games.rollout(m, tok, group, rcfg, knowledge=ctx or None, seed=seed + 100 * i + j + 1)
+        if path:
+            save_trajectories(parts[-1], done)
+        trajs += done
+    if path:
+        save_trajectories(path, trajs)
+        for p in parts:
+            os.remove(p)
     return trajs
 
 
@@ -361,11 +381,7 @@ def evaluate(m, tok, cfg, out_dir, tag="eval"):
         if n == 0:
             continue
         path = os.path.join(out_dir, f"{tag}_{split}.jsonl")
-        if os.path.exists(path):
-            trajs = games.load_trajectories(path)
-        else:
-            trajs = play(m, tok, game, split, n, cfg.seed, rollout_cfg(cfg), batch=cfg.rollout_batch, options=opts)
-            save_trajectories(path, trajs)
+        trajs = play(m, tok, game, split, n, cfg.seed, rollout_cfg(cfg), batch=cfg.rollout_batch, options=opts, path=path)
         result[split] = games.metrics(trajs)
     return result
 
@@ -374,13 +390,9 @@ def train_round(cfg, r, rdir, ckpt, device):
     """Deploy, extract and consolidate round r from checkpoint `ckpt`; the result is saved to rdir/model."""
     frozen, tok = modeling.load(ckpt, device=device, dtype=infer_dtype(device))  # the model at the start of the round
     # 1. deploy
-    deploy = os.path.join(rdir, "deploy.jsonl")
-    if os.path.exists(deploy):
-        trajs = games.load_trajectories(deploy)
-    else:
-        trajs = play(frozen, tok, cfg.game, "train", cfg.n_train, cfg.seed * 1000 + r, rollout_cfg(cfg),
-                     batch=cfg.rollout_batch, options=json.loads(cfg.game_options or "{}"))
-        save_trajectories(deploy, trajs)
+    trajs = play(frozen, tok, cfg.game, "train", cfg.n_train, cfg.seed * 1000 + r, rollout_cfg(cfg),
+                 batch=cfg.rollout_batch, options=json.loads(cfg.game_options or "{}"),
+                 path=os.path.join(rdir, "deploy.jsonl"))
     m = games.metrics(trajs)
     print(f"round {r} | deploy | pass {m['pass_rate']:.3f} | tokens/turn {m['tokens_per_turn']:.0f}")
     # 2. extract
@@ -409,7 +421,7 @@ def train_round(cfg, r, rdir, ckpt, device):
     os.remove(state)
 
 
-RESUMABLE = ("rounds", "rollout_batch", "micro_batch", "save_every")  # may change when a run is resumed
+RESUMABLE = ("rounds", "micro_batch", "save_every")  # may change when a run is resumed
 
 
 def check_resume(cfg):

@@ -260,3 +260,35 @@ def test_eval_cli_writes_result_and_trajectories(tmp_path):
     assert res["n"] == 3 and res["mode"] == "knowledge" and 0 <= res["pass_rate"] <= 1
     trajs = games.load_trajectories(tmp_path / "res.jsonl")
     assert len(trajs) == 3 and all(KNOWLEDGE in t.turns[0].prompt for t in trajs)
+
+
+def test_play_keeps_finished_batches(tiny, tmp_path, monkeypatch):
+    """An interrupted rollout of a game set replays only its unfinished batch, and gives the same trajectories."""
+    m, tok = tiny
+    rcfg = games.RolloutConfig(max_turns=2, max_new_tokens=6)
+    path = str(tmp_path / "set.jsonl")
+    full = oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path)
+    assert len(full) == 5 and not any(p.name.startswith("set.jsonl.part") for p in tmp_path.iterdir())
+    os.remove(path)  # as if killed after the first two batches were saved
+    oel.save_trajectories(path + ".part0", full[:2])
+    oel.save_trajectories(path + ".part1", full[2:4])
+    calls = []
+    real = games.rollout
+    monkeypatch.setattr(games, "rollout", lambda m, tok, envs, *a, **k: calls.append(len(envs)) or real(m, tok, envs, *a, **k))
+    again = oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path)
+    assert calls == [1] and again == full == games.load_trajectories(path)
+    assert oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path) == full and calls == [1]
+
+
+def test_mixed_precision_step_runs_with_bf16_teacher(tiny):
+    """The GPU recipe on a CPU: float32 student under bfloat16 autocast, bfloat16 teacher; finite loss, float32
+    gradients for the student only, and a small KL when the teacher sees no knowledge."""
+    student, tok = modeling.load("tiny")
+    teacher = oel.frozen_copy(student, torch.bfloat16)
+    cfg = oel.OELConfig(max_new_tokens=8, batch_size=2, micro_batch=2)
+    batch = oel.sample_batch(student, tok, states("sokoban", "train", 2, 0), [""], cfg, 0, 0)
+    loss, n = oel.distill_loss(student, teacher, tok, batch, cfg)
+    (loss / n).backward()
+    assert torch.isfinite(loss) and 0 <= loss.detach().item() / n < 1e-2
+    assert student.output_weight.grad.dtype == torch.float32 and student.output_weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
