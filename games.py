@@ -3,8 +3,8 @@ Text games and the rollout engine: what the model plays, and how its play is rec
 
 Games (one interface: reset(seed) -> observation; step(action) -> observation, reward, done, info{'won'};
 solve() -> the shortest action list from the current state):
-- FrozenLake and Sokoban: plain-Python versions of TextArena's FrozenLake-v0 and Sokoban-v0 (same boards,
-  messages and rules). Levels come from a seed and are resampled until the BFS solver solves them (Sokoban:
+- FrozenLake and Sokoban: plain-Python versions of TextArena's FrozenLake-v0 and Sokoban-v0 (same boards
+  and rules, checked move by move against TextArena in tests; messages close to its own). Levels come from a seed and are resampled until the BFS solver solves them (Sokoban:
   in 2 to 5 moves, so every level can be won within the default 5 turns). Unlike TextArena: no w/a/s/d
   aliases, reward 1 only on a win (no partial credit), an invalid move only wastes the turn, and Sokoban
   rooms come from a random walk plus the solver rather than from reverse play.
