@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -291,4 +292,15 @@ def test_mixed_precision_step_runs_with_bf16_teacher(tiny):
     (loss / n).backward()
     assert torch.isfinite(loss) and 0 <= loss.detach().item() / n < 1e-2
     assert student.output_weight.grad.dtype == torch.float32 and student.output_weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_consolidation_steps_on_cuda():
+    """The GPU path end to end: CUDA-graph sampling in bf16, autocast student, bf16 teacher, Triton fused KL."""
+    student, tok = modeling.load("tiny", device="cuda")
+    teacher = oel.frozen_copy(student, torch.bfloat16)
+    cfg = oel.OELConfig(max_new_tokens=16, batch_size=4, micro_batch=2, steps=3, lr=1e-3)
+    logs = oel.consolidate(student, teacher, tok, states("frozenlake", "train", 4, 0), [KNOWLEDGE], cfg)
+    assert len(logs) == 3 and all(math.isfinite(x["kl"]) and x["tokens"] > 0 for x in logs)
     assert all(p.grad is None for p in teacher.parameters())
