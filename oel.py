@@ -27,7 +27,11 @@ saves its state every `save_every` steps.
 Where we differ from the paper:
 - The loss is the exact KL over the whole vocabulary; the paper's top-256 student-token
   approximation is available as `topk` > 0 for comparison.
-- Hyperparameters the paper does not give (steps, batch size, deploy games per round) are our defaults.
+- `context='raw'` gives the teacher raw trajectories (same token budget) instead of extracted knowledge:
+  the paper's comparison, here as a run option.
+- Hyperparameters the paper does not give (steps, batch size, deploy games per round) are our defaults;
+  the student samples from its full distribution at temperature 0.7 (no top-p/top-k), so the loss is on-policy.
+- Sokoban levels are drawn so that 2-5 moves solve them (winnable within 5 turns); see games.py.
 - Trainable weights are float32 with bfloat16 autocast on a GPU; the frozen teacher (and the copy the
   student samples with) is bfloat16, so even with an empty knowledge text the two differ slightly
   (a small KL floor from rounding, ~1e-4 per token on the tiny model).
