@@ -21,6 +21,7 @@ import games
 import model as modeling
 import oel
 
+
 def contexts(mode, path, tok, budget):
     """The list of context texts for a mode (one per group of games); [None] for no context."""
     if mode == "none":
@@ -81,16 +82,16 @@ def main(argv=None):
         p.error("--model is required unless --plot is given")
     from train import parse_bool_or_none, resolve_model
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    m, tok = modeling.load(resolve_model(a.model), device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    rcfg = games.RolloutConfig(max_turns=a.max_turns, max_new_tokens=a.max_new_tokens, temperature=0.7,
-                               top_p=0.8, top_k=20, thinking=parse_bool_or_none(a.thinking))
+    m, tok = modeling.load(resolve_model(a.model), device=device, dtype=oel.infer_dtype(device))
+    rcfg = games.RolloutConfig(max_turns=a.max_turns, max_new_tokens=a.max_new_tokens,  # sampling: the paper's
+                               thinking=parse_bool_or_none(a.thinking))
     ctxs = contexts(a.mode, a.context, tok, a.budget)
-    trajs = oel.play(m, tok, a.game, a.split, a.n, a.seed, rcfg, ctxs, options=json.loads(a.options or "{}"))
+    trajs = oel.play(m, tok, a.game, a.split, a.n, a.seed, rcfg, ctxs, options=oel.game_settings(a.options))
     metrics = games.metrics(trajs)
     out = a.out or f"eval_{a.game}_{a.split}_{a.mode}.json"
     oel.atomic_write(out, json.dumps({"model": a.model, "game": a.game, "split": a.split, "mode": a.mode,
                                       "context": a.context, "budget": a.budget, **metrics}, indent=2))
-    oel.save_trajectories(out.removesuffix(".json") + ".jsonl", trajs)
+    games.save_trajectories(out.removesuffix(".json") + ".jsonl", trajs)
     print(json.dumps(metrics))
 
 

@@ -489,9 +489,11 @@ def rollout(model, tokenizer, envs: list, cfg: RolloutConfig, knowledge: str | N
 
 
 def save_trajectories(path: str, trajs: list[Trajectory]):
-    with open(path, "w", encoding="utf-8") as f:
+    """One episode per line, written to a temporary file and renamed: a reader never sees half a file."""
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
         for tr in trajs:
             f.write(json.dumps(asdict(tr), ensure_ascii=False) + "\n")
+    os.replace(f"{path}.tmp", path)
 
 
 def load_trajectories(path: str) -> list[Trajectory]:

@@ -95,17 +95,17 @@ class OELConfig:
 # ----------------------------------------------------------------------------- files
 
 
+def game_settings(text):
+    """The game settings of a --game_options JSON string ('' = the defaults) as keyword arguments."""
+    return json.loads(text or "{}")
+
+
 def atomic_write(path, text):
     """Write text so that a reader sees either nothing or the whole file."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-def save_trajectories(path, trajs):
-    games.save_trajectories(f"{path}.tmp", trajs)
-    os.replace(f"{path}.tmp", path)
 
 
 def frozen_copy(m, dtype):
@@ -153,6 +153,11 @@ def extraction_prompt(traj, knowledge, show_knowledge):
         f"this particular level{repeat}. Write each lesson on "
         f"its own line starting with '{MARKER}'."
     )
+
+
+def user_ids(tok, content, thinking):
+    """Token ids of a one-user-message chat, ready for the assistant's reply."""
+    return tok.encode(tok.chat([{"role": "user", "content": content}], thinking=thinking))
 
 
 def parse_items(text, limit=2):
@@ -211,7 +216,7 @@ def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
         prompts = []
         for k in range(cfg.K):
             msg = extraction_prompt(trajs[orders[k][i - 1]], "\n".join(items[k]), cfg.show_knowledge)
-            prompts.append(tok.encode(tok.chat([{"role": "user", "content": msg}], thinking=cfg.thinking)))
+            prompts.append(user_ids(tok, msg, cfg.thinking))
         outs = modeling.generate(extractor, tok, prompts, max_new_tokens=cfg.extract_max_new_tokens,
                                  temperature=0.7, top_p=0.8, top_k=20, seed=cfg.seed * 1000 + 100 * r + i)
         for k, out in enumerate(outs):
@@ -232,44 +237,39 @@ def topk_kl(s_logits, t_logits, temperature, k):
     return (s_top.exp() * (s_top - t.gather(-1, idx))).sum(-1).mean()
 
 
-def response_hidden(m, seqs, starts, lengths):
+def response_hidden(m, prompts, responses):
     """Final hidden states at the positions that predict each response token, rows concatenated: [N,C].
 
-    seqs: prompt+response token lists; starts[i]: prompt length; lengths[i]: response length.
-    Right padding only, so plain causal attention is exact for the real tokens.
+    prompts, responses: token lists; row i is prompts[i] + responses[i], right-padded, so plain causal
+    attention is exact for the real tokens.
     """
-    T = max(len(s) for s in seqs)
-    pad = torch.full((len(seqs), T), 0, dtype=torch.long)
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    pad = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)  # [B,T]
     for i, s in enumerate(seqs):
         pad[i, : len(s)] = torch.tensor(s)
     h = m(pad.to(m.output_weight.device), return_hidden=True)  # [B,T,C]
-    return torch.cat([h[i, p - 1 : p - 1 + n] for i, (p, n) in enumerate(zip(starts, lengths))])
+    return torch.cat([h[i, len(p) - 1 : len(p) - 1 + len(r)] for i, (p, r) in enumerate(zip(prompts, responses))])
 
 
 def distill_loss(student, teacher, tok, batch, cfg):
     """KL(student || teacher) summed over the response tokens of a micro-batch; also returns the token count.
 
-    batch: (game, state, knowledge, response_tokens) tuples. The student sees the state alone, the
-    teacher the state with the knowledge; both score the same response tokens.
+    batch: (game, state, knowledge, student_prompt_ids, response_ids) tuples from sample_batch. The student
+    sees the state alone, the teacher the state with the knowledge; both score the same response tokens.
     """
-    def encode(game, state, knowledge):
-        msg = games.user_prompt(game, state, knowledge)
-        return tok.encode(tok.chat([{"role": "user", "content": msg}], thinking=cfg.thinking))
-
-    s_prompts = [encode(g, s, None) for g, s, _, _ in batch]
-    t_prompts = [encode(g, s, k) for g, s, k, _ in batch]
+    s_prompts = [p for *_, p, _ in batch]
+    t_prompts = [user_ids(tok, games.user_prompt(g, s, k), cfg.thinking) for g, s, k, _, _ in batch]
     resp = [r for *_, r in batch]
-    lengths = [len(r) for r in resp]
-    n_tok = sum(lengths)
+    n_tok = sum(len(r) for r in resp)
     if n_tok == 0:
         return None, 0
     dev = student.output_weight.device
     # a bfloat16 teacher (on a GPU) means mixed precision: the float32 student runs under autocast
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=teacher.output_weight.dtype == torch.bfloat16)
     with amp:
-        h_s = response_hidden(student, [p + r for p, r in zip(s_prompts, resp)], [len(p) for p in s_prompts], lengths)
+        h_s = response_hidden(student, s_prompts, resp)
         with torch.no_grad():
-            h_t = response_hidden(teacher, [p + r for p, r in zip(t_prompts, resp)], [len(p) for p in t_prompts], lengths)
+            h_t = response_hidden(teacher, t_prompts, resp)
     dt = h_t.dtype
     w_s, w_t = student.output_weight.to(dt), teacher.output_weight
     if cfg.topk:
@@ -289,12 +289,11 @@ def sample_batch(student, tok, prompts, pool, cfg, step, r):
     rng = random.Random(cfg.seed * 10**6 + r * 10**4 + step)
     picks = [prompts[rng.randrange(len(prompts))] for _ in range(cfg.batch_size)]
     know = [pool[rng.randrange(len(pool))] for _ in picks]
-    ids = [tok.encode(tok.chat([{"role": "user", "content": games.user_prompt(g, s)}], thinking=cfg.thinking))
-           for g, s in picks]
+    ids = [user_ids(tok, games.user_prompt(g, s), cfg.thinking) for g, s in picks]
     sampler = frozen_copy(student, infer_dtype(student.output_weight.device))  # the current weights, for fast sampling
     outs = modeling.generate(sampler, tok, ids, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.kl_temperature, top_p=1.0, top_k=0, seed=rng.randrange(2**31))
-    return [(g, s, k, o.tokens) for (g, s), k, o in zip(picks, know, outs)]
+    return [(g, s, k, p, o.tokens) for (g, s), k, p, o in zip(picks, know, ids, outs)]
 
 
 def consolidate(student, teacher, tok, prompts, pool, cfg, state_path=None, r=0):
@@ -317,7 +316,7 @@ def consolidate(student, teacher, tok, prompts, pool, cfg, state_path=None, r=0)
     for step in tqdm(range(start, cfg.steps), desc=f"round {r} consolidate", leave=False, initial=start, total=cfg.steps):
         t0 = time.time()
         batch = sample_batch(student, tok, prompts, pool, cfg, step, r)
-        n_total = sum(len(b[3]) for b in batch)
+        n_total = sum(len(b[-1]) for b in batch)
         loss_sum = 0.0
         for i in range(0, len(batch), cfg.micro_batch):
             loss, n = distill_loss(student, teacher, tok, batch[i : i + cfg.micro_batch], cfg)
@@ -343,8 +342,8 @@ def consolidate(student, teacher, tok, prompts, pool, cfg, state_path=None, r=0)
 
 
 def rollout_cfg(cfg):
-    return games.RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
-                               temperature=0.7, top_p=0.8, top_k=20, thinking=cfg.thinking)
+    """Deploy and evaluation sampling: RolloutConfig's defaults are the paper's (0.7, top-p 0.8, top-k 20)."""
+    return games.RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, thinking=cfg.thinking)
 
 
 def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, options=None, path=None):
@@ -368,10 +367,10 @@ def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, option
             if group:
                 done += games.rollout(m, tok, group, rcfg, knowledge=ctx or None, seed=seed + 100 * i + j + 1)
         if path:
-            save_trajectories(parts[-1], done)
+            games.save_trajectories(parts[-1], done)
         trajs += done
     if path:
-        save_trajectories(path, trajs)
+        games.save_trajectories(path, trajs)
         for p in parts:
             os.remove(p)
     return trajs
@@ -380,8 +379,8 @@ def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, option
 def evaluate(m, tok, cfg, out_dir, tag="eval"):
     """Test and out-of-distribution rollouts (trajectories saved, reused when present) -> {split: metrics}."""
     result = {}
-    options = json.loads(cfg.game_options or "{}")
-    for split, game, n, opts in (("test", cfg.game, cfg.n_test, options), ("ood", cfg.ood_game, cfg.n_ood, None)):
+    for split, game, n, opts in (("test", cfg.game, cfg.n_test, game_settings(cfg.game_options)),
+                                 ("ood", cfg.ood_game, cfg.n_ood, None)):
         if n == 0:
             continue
         path = os.path.join(out_dir, f"{tag}_{split}.jsonl")
@@ -395,7 +394,7 @@ def train_round(cfg, r, rdir, ckpt, device):
     frozen, tok = modeling.load(ckpt, device=device, dtype=infer_dtype(device))  # the model at the start of the round
     # 1. deploy
     trajs = play(frozen, tok, cfg.game, "train", cfg.n_train, cfg.seed * 1000 + r, rollout_cfg(cfg),
-                 batch=cfg.rollout_batch, options=json.loads(cfg.game_options or "{}"),
+                 batch=cfg.rollout_batch, options=game_settings(cfg.game_options),
                  path=os.path.join(rdir, "deploy.jsonl"))
     m = games.metrics(trajs)
     print(f"round {r} | deploy | pass {m['pass_rate']:.3f} | tokens/turn {m['tokens_per_turn']:.0f}")

@@ -81,7 +81,7 @@ def check(cfg):
         if g not in games.GAMES:
             raise SystemExit(f"error: unknown game {g!r}; choose from {', '.join(games.GAMES)}")
     try:
-        games.make_games(cfg.game, "test", 1, **json.loads(cfg.game_options or "{}"))
+        games.make_games(cfg.game, "test", 1, **oel.game_settings(cfg.game_options))
     except (ValueError, TypeError) as e:  # bad JSON, unknown or impossible settings
         raise SystemExit(f"error: --game_options {cfg.game_options!r} for {cfg.game}: {e}") from None
     if cfg.model != "tiny":
@@ -96,8 +96,9 @@ def check(cfg):
         P = num_params(mc)
         disk = (4 * cfg.rounds + 2 * 12) * P  # float32 round checkpoints; consolidation state (weights + Adam) twice while replaced
         os.makedirs(cfg.out_dir, exist_ok=True)
-        if shutil.disk_usage(cfg.out_dir).free < disk:
-            raise SystemExit(f"error: {cfg.out_dir} has {shutil.disk_usage(cfg.out_dir).free / 2**30:.0f} GiB free; "
+        free = shutil.disk_usage(cfg.out_dir).free
+        if free < disk:
+            raise SystemExit(f"error: {cfg.out_dir} has {free / 2**30:.0f} GiB free; "
                              f"the run needs ~{disk / 2**30:.0f} GiB (checkpoints and consolidation state)")
         gpu = 18 * P  # float32 weights, gradients and Adam moments, plus the bfloat16 teacher
         if torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < gpu:

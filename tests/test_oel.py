@@ -122,7 +122,7 @@ def test_distill_loss_gradient_reaches_only_student(tiny):
     batch = oel.sample_batch(student, tok, states("frozenlake", "train", 2, 0), [KNOWLEDGE], cfg, 0, 0)
     loss, n = oel.distill_loss(student, teacher, tok, batch, cfg)
     (loss / n).backward()
-    assert n == sum(len(b[3]) for b in batch) > 0
+    assert n == sum(len(b[-1]) for b in batch) > 0
     assert student.output_weight.grad is not None and student.output_weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
 
@@ -271,8 +271,8 @@ def test_play_keeps_finished_batches(tiny, tmp_path, monkeypatch):
     full = oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path)
     assert len(full) == 5 and not any(p.name.startswith("set.jsonl.part") for p in tmp_path.iterdir())
     os.remove(path)  # as if killed after the first two batches were saved
-    oel.save_trajectories(path + ".part0", full[:2])
-    oel.save_trajectories(path + ".part1", full[2:4])
+    games.save_trajectories(path + ".part0", full[:2])
+    games.save_trajectories(path + ".part1", full[2:4])
     calls = []
     real = games.rollout
     monkeypatch.setattr(games, "rollout", lambda m, tok, envs, *a, **k: calls.append(len(envs)) or real(m, tok, envs, *a, **k))
