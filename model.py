@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.utils._triton import has_triton
 from torch.utils.checkpoint import checkpoint
 
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -116,27 +117,30 @@ def rotate_half(x):
 
 
 class KVCache:
-    """Static K/V buffers [L,B,K,S,D] for one batch. Prompts are left-padded so every row writes the same column;
-    row b's tokens start at column pad[b], and its position is column - pad[b]."""
+    """Static K/V buffers, one [B,K,S,D] pair per layer (separate tensors, not views of one: torch.compile then
+    updates them in place instead of copying a whole cache every step). Prompts are left-padded so every row
+    writes the same column; row b's tokens start at column pad[b], and its position is column - pad[b]."""
 
     def __init__(self, cfg: ModelConfig, pad: torch.Tensor, S: int, dtype):
-        shape = (cfg.num_hidden_layers, len(pad), cfg.num_key_value_heads, S, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=pad.device)
-        self.v = torch.zeros_like(self.k)
-        self.pad = pad  # [B] long
+        shape = (len(pad), cfg.num_key_value_heads, S, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=pad.device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.pad, self.S = pad, S  # [B] long, cache length
 
     def mask(self, cols):  # cols [T] -> [B,1,T,N], True where a query may attend (N = T for a prefill, else S)
-        keys = torch.arange(len(cols) if len(cols) > 1 else self.k.size(3), device=cols.device)
+        keys = torch.arange(len(cols) if len(cols) > 1 else self.S, device=cols.device)
         m = (keys >= self.pad[:, None, None]) & (keys <= cols[:, None])  # [B,T,N]
         return (m | (keys == cols[:, None]))[:, None]  # attending to itself keeps left-pad queries finite
 
     def select(self, rows):  # keep (or repeat) batch rows
         n = len(rows)
-        if n <= self.k.size(1):  # compaction: reuse the buffers instead of holding a second full cache
-            self.k[:, :n], self.v[:, :n] = self.k[:, rows], self.v[:, rows]
-            self.k, self.v = self.k[:, :n], self.v[:, :n]
-        else:
-            self.k, self.v = self.k[:, rows], self.v[:, rows]
+        for kv in (self.k, self.v):
+            for i, x in enumerate(kv):
+                if n <= x.size(0):  # compaction: reuse the buffers instead of holding a second full cache
+                    x[:n] = x[rows]
+                    kv[i] = x[:n]
+                else:
+                    kv[i] = x[rows]
         self.pad = self.pad[rows]
 
 
@@ -399,29 +403,40 @@ def sample(logits, temperature, top_p, top_k, generator):
     return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
 
 
+def decode_logits(model: Transformer, cache: KVCache, tok, col):
+    """One decode step: tokens [B] written at cache column col [1] -> next-token logits [B,V] float32."""
+    return model(tok[:, None], cache=cache, cols=col)[:, -1].float()
+
+
+# Compiled lazily, once for any batch size and cache length (dynamic shapes; batch 1 specialises once). Fusing
+# each layer's ~25 small elementwise kernels (norms, rotary, masking, residuals) into a few matters at small
+# batches, where the weights are read fast and launches dominate.
+decode_logits_compiled = torch.compile(decode_logits, fullgraph=True, dynamic=True)
+
+
 class DecodeStep:
-    """One decode step: tokens [B] written at cache column col [1] -> next-token logits [B,V] float32.
-    On CUDA it is recorded as a CUDA graph on first use and then replayed (one launch instead of ~30 kernels per
-    layer); on CPU it runs eagerly."""
+    """decode_logits for one cache. On CUDA it is compiled (when Triton is there), then recorded as a CUDA graph on
+    first use and replayed (one launch per step); on CPU it runs eagerly."""
 
     def __init__(self, model: Transformer, cache: KVCache):
-        self.fn = lambda tok, col: model(tok[:, None], cache=cache, cols=col)[:, -1].float()
-        self.spare_col = cache.k.size(3) - 1  # never attended to: generate() sizes the cache one column larger
+        self.model, self.cache = model, cache
+        self.spare_col = cache.S - 1  # never attended to: generate() sizes the cache one column larger
         self.graph = None
 
     def __call__(self, tok, col):
         if not tok.is_cuda:
-            return self.fn(tok, col)
-        if self.graph is None:  # warm-up and recording run on static inputs that write the spare column
+            return decode_logits(self.model, self.cache, tok, col)
+        if self.graph is None:  # warm-up (compilation) and recording run on static inputs that write the spare column
+            fn = decode_logits_compiled if has_triton() else decode_logits
             self.tok, self.col = tok.clone(), torch.full_like(col, self.spare_col)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                self.fn(self.tok, self.col)
+                fn(self.model, self.cache, self.tok, self.col)
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.logits = self.fn(self.tok, self.col)
+                self.logits = fn(self.model, self.cache, self.tok, self.col)
         self.tok.copy_(tok)
         self.col.copy_(col)
         self.graph.replay()

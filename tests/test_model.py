@@ -1,5 +1,6 @@
 import copy
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -254,6 +255,33 @@ def test_cuda_graph_decode_matches_cpu(lm):
     cpu = M.generate(model, tok, prompts, max_new_tokens=40, temperature=0)
     gpu = M.generate(copy.deepcopy(model).cuda(), tok, prompts, max_new_tokens=40, temperature=0)
     assert [o.tokens for o in cpu] == [o.tokens for o in gpu]
+
+
+@torch.no_grad()
+def test_compiled_decode_step(lm, monkeypatch):
+    """The torch.compile'd decode step (what CUDA records as a graph) generates the eager tokens and log-probs, with
+    compaction and batch 1, and writes the KV cache in place: it allocates no [B,K,S,D] buffer (a copy of the cache)."""
+    from torch._inductor.utils import run_and_get_code
+    model, tok = lm
+    tok = copy.copy(tok)
+    prompts = [[1, 10 + i, 20 + 3 * i] for i in range(8)] + PROMPTS
+    tok.stop_ids = sorted({r.tokens[3] for r in M.generate(model, tok, prompts[:6], 8, temperature=0)})
+    eager = M.generate(model, tok, prompts, max_new_tokens=40, temperature=0)
+    monkeypatch.setattr(M, "decode_logits", M.decode_logits_compiled)  # what DecodeStep runs on CPU
+    for ps, ref in ((prompts, eager), (prompts[:1], eager[:1])):
+        out = M.generate(model, tok, ps, max_new_tokens=40, temperature=0)
+        assert [o.tokens for o in out] == [o.tokens for o in ref]
+        assert torch.allclose(torch.tensor(sum((o.logprobs for o in out), [])),
+                              torch.tensor(sum((o.logprobs for o in ref), [])), atol=1e-4)
+
+    cache = M.KVCache(model.config, torch.tensor([0, 2, 5]), 64, torch.float32)
+    model(torch.randint(3, 1000, (3, 9)), cache=cache, cols=torch.arange(9))
+    _, (code,) = run_and_get_code(M.decode_logits_compiled, model, cache, torch.tensor([5, 6, 7]), torch.tensor([9]))
+    shapes = [[d.strip() for d in s.split(",") if d.strip()] for s in re.findall(r"empty_strided_\w+\(\(([^)]*)\)", code)]
+    assert shapes, "no allocations found: the generated code's format changed"
+    D = str(model.config.head_dim)
+    cache_like = [s for s in shapes if s[-1] == D and sum(not d.isdigit() for d in s) >= 2]  # dynamic B and S
+    assert not cache_like, cache_like
 
 
 def test_top_p_keeps_smallest_head():
