@@ -19,10 +19,11 @@ and backward only scales (grad_h, grad_W) by the upstream gradient, skipped when
 
 FLOPs it must do: 2 T H V for each of z_s, z_t, grad_h, grad_W = 8 T H V: 2.0e13 at T = 8192,
 H = 2048, V = 151,936, i.e. ~30-37 ms at an H100's dense bf16 rate; plus 5 T V b bytes for the kl
-kernel (~4 ms). Extra memory: 2 C V b for the chunk buffers (622 MB at C = 1024 in bf16) plus the
-gradient outputs grad_W [V, H] and grad_h [T, H]. grad_W accumulates in the weight's dtype (the
-matmul adds in fp32 and rounds once per chunk); an fp32 accumulator would cost 4 V H bytes (1.2 GB).
-Larger chunks make fewer read-modify-writes of grad_W; smaller ones less memory.
+kernel (~4 ms). Extra memory at T = 8192, H = 2048, V = 151,936 in bf16: the two [C, V] chunk buffers,
+2 C V b = 311 MB at the default C = 512, plus the gradient outputs grad_W [V, H] (622 MB) and grad_h [T, H]
+(34 MB): 0.90 GiB. grad_W accumulates in the weight's dtype (the matmul adds in fp32 and rounds once per
+chunk); an fp32 accumulator would cost 4 V H bytes (1.2 GB). Each chunk reads and writes grad_W once
+(1.2 GB, ~0.4 ms at ~3 TB/s): C = 1024 halves that traffic but takes the total to 1.2 GiB.
 """
 
 import torch
@@ -30,8 +31,9 @@ import torch
 from kernels.kl import flat_mask, kl_rows_torch, kl_rows_triton, scale_grad, triton
 
 
-def default_chunk_size(V, dtype, budget=768 * 2**20):
-    """Largest power-of-two token chunk whose two [C, V] logits buffers fit in `budget` bytes."""
+def default_chunk_size(V, dtype, budget=384 * 2**20):
+    """Largest power-of-two token chunk whose two [C, V] logits buffers fit in `budget` bytes (512 at V = 151,936
+    in bf16, so the extra memory with the gradients stays under 1 GiB)."""
     per_token = 2 * V * torch.finfo(dtype).bits // 8
     return 1 << max(0, (budget // per_token).bit_length() - 1)
 
@@ -101,7 +103,7 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
     student_hidden [T, H] (or [B, T, H]), student_weight [V, H], teacher_hidden [T, H'], teacher_weight [V, H'],
     mask [T] (or [B, T]) bool. Returns an fp32 scalar; gradients reach student_hidden and student_weight only.
     impl: None (Triton for CUDA tensors when Triton is installed, torch otherwise), 'triton' or 'torch'.
-    chunk_size: tokens per chunk (default: default_chunk_size, 1024 at V = 151,936 in bf16).
+    chunk_size: tokens per chunk (default: default_chunk_size, 512 at V = 151,936 in bf16).
     """
     if impl is None:
         impl = "triton" if student_hidden.is_cuda and triton is not None else "torch"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kernels.kl
+from kernels.fused_linear_kl import default_chunk_size
 from kernels import (fused_linear_kl, fused_linear_kl_reference, fused_linear_kl_triton, kl_div, kl_div_reference,
                      kl_div_triton)
 
@@ -169,6 +170,14 @@ def test_fused_linear_bf16_matches_float64(impl):
     (g,) = torch.autograd.grad(ref, z_s)
     assert abs(loss.item() - ref.item()) / ref.item() < 1e-2
     assert rel(h_s.grad, g @ w_s.double()) < 1e-2 and rel(w_s.grad, g.T @ h_s.double()) < 1e-2
+
+
+def test_default_chunk_fits_1gib():
+    """At Qwen3-1.7B's sizes (T = 8192, H = 2048, V = 151,936, bf16) the default chunk's two [C, V] buffers plus the
+    returned grad_W and grad_h stay under 1 GiB, with chunks large enough for efficient matmuls."""
+    T, H, V = 8192, 2048, 151936
+    C = default_chunk_size(V, torch.bfloat16)
+    assert C >= 256 and 2 * C * V * 2 + V * H * 2 + T * H * 2 < 2**30
 
 
 COMPILE_FOR_H100 = """
