@@ -62,7 +62,14 @@ def main():
         for w in ours.parameters():
             if w.dim() == 2:
                 w.normal_(0, 0.02)
-    systems = {"ours": lambda idx, n: M.generate(ours, NoStop(), idx.tolist(), max_new_tokens=n, temperature=0)}
+    def ours_run(idx, n, compiled=True):  # compiled=False: the same CUDA graph around the eager decode step
+        saved = M.decode_logits_compiled
+        M.decode_logits_compiled = saved if compiled else M.decode_logits
+        try:
+            return M.generate(ours, NoStop(), idx.tolist(), max_new_tokens=n, temperature=0)
+        finally:
+            M.decode_logits_compiled = saved
+    systems = {"ours": ours_run, "ours eager": lambda idx, n: ours_run(idx, n, compiled=False)}
     if not args.no_hf:
         import transformers
         hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())

@@ -192,7 +192,8 @@ aligned = {(i,): [["tt.divisibility", 16]] for i in range(10)}  # what the launc
 for reverse in (True, False):
     for write_grad in (True, False):
         src = ASTSource(_kl_kernel, sig, dict(REVERSE=reverse, WRITE_GRAD=write_grad, BLOCK_V=4096), aligned)
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm["ptx"]
+        options = dict(num_warps=4, enable_fp_fusion=False)  # as kl_rows_triton launches it
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
         assert "ld.global.v4" in ptx, "no 16-byte vector loads"
 """
 
