@@ -20,6 +20,7 @@ import torch
 import games
 import model as modeling
 import oel
+from train import parse_bool_or_none, resolve_model
 
 
 def contexts(mode, path, tok, budget):
@@ -32,6 +33,24 @@ def contexts(mode, path, tok, budget):
         texts = json.load(open(path)) if path.endswith(".json") else [open(path).read()]
         return ["\n".join(oel.trim_knowledge(t.splitlines(), tok, budget)) for t in texts]
     return [oel.raw_context(games.load_trajectories(path), tok, budget)]
+
+
+def run_budget(context):
+    """knowledge_budget of the train.py run folder holding a context file (r{r}/pool.json, r{r}/deploy.jsonl), so
+    that raw trajectories and knowledge get the same token budget; OELConfig's default otherwise."""
+    if context:
+        for folder in (os.path.dirname(context), os.path.dirname(os.path.dirname(os.path.abspath(context)))):
+            path = os.path.join(folder, "config.json")
+            if os.path.exists(path) and "knowledge_budget" in (cfg := json.load(open(path))):
+                return cfg["knowledge_budget"]
+    return oel.OELConfig.knowledge_budget
+
+
+def default_out(model, what):
+    """Results of a checkpoint folder go beside it (runs/oel/r1/model -> runs/oel/r1/eval_*.json); others here."""
+    if os.path.isdir(model) and model != "tiny":
+        return os.path.join(os.path.dirname(os.path.abspath(model)), f"eval_{what}.json")
+    return f"eval_{model.replace('/', '--')}_{what}.json"
 
 
 def plot(run_dir):
@@ -68,11 +87,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", default="none", choices=["none", "knowledge", "raw"], help="what goes into the prompt")
     p.add_argument("--context", help="knowledge .md / pool.json (mode knowledge) or trajectories .jsonl (mode raw)")
-    p.add_argument("--budget", type=int, default=8192, help="token budget of the context")
-    p.add_argument("--thinking", default="false", help="true | false | none (instruct models)")
+    p.add_argument("--budget", type=int, help="token budget of the context (default: knowledge_budget of the run "
+                   "folder holding --context, else OELConfig's)")
+    p.add_argument("--thinking", type=parse_bool_or_none, default=False, help="true | false | none (instruct models)")
     p.add_argument("--max_turns", type=int, default=5)
     p.add_argument("--max_new_tokens", type=int, default=1024)
-    p.add_argument("--out", help="result JSON (default: eval_<game>_<split>_<mode>.json beside the checkpoint or here)")
+    p.add_argument("--out", help="result JSON (default: eval_<game>_<split>_<mode>.json beside a checkpoint folder, "
+                   "else eval_<model>_<game>_<split>_<mode>.json here)")
     p.add_argument("--plot", metavar="RUN_DIR", help="only write RUN_DIR/metrics.png")
     a = p.parse_args(argv)
     if a.plot:
@@ -80,17 +101,19 @@ def main(argv=None):
         return
     if not a.model:
         p.error("--model is required unless --plot is given")
-    from train import parse_bool_or_none, resolve_model
+    if a.mode != "none" and not (a.context and os.path.exists(a.context)):  # before loading a model
+        p.error(f"--mode {a.mode} needs --context pointing to an existing file, got {a.context!r}")
+    budget = a.budget or run_budget(a.context)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     m, tok = modeling.load(resolve_model(a.model), device=device, dtype=oel.infer_dtype(device))
     rcfg = games.RolloutConfig(max_turns=a.max_turns, max_new_tokens=a.max_new_tokens,  # sampling: the paper's
-                               thinking=parse_bool_or_none(a.thinking))
-    ctxs = contexts(a.mode, a.context, tok, a.budget)
+                               thinking=a.thinking)
+    ctxs = contexts(a.mode, a.context, tok, budget)
     trajs = oel.play(m, tok, a.game, a.split, a.n, a.seed, rcfg, ctxs, options=oel.game_settings(a.options))
     metrics = games.metrics(trajs)
-    out = a.out or f"eval_{a.game}_{a.split}_{a.mode}.json"
+    out = a.out or default_out(a.model, f"{a.game}_{a.split}_{a.mode}")
     oel.atomic_write(out, json.dumps({"model": a.model, "game": a.game, "split": a.split, "mode": a.mode,
-                                      "context": a.context, "budget": a.budget, **metrics}, indent=2))
+                                      "context": a.context, "budget": budget, **metrics}, indent=2))
     games.save_trajectories(out.removesuffix(".json") + ".jsonl", trajs)
     print(json.dumps(metrics))
 

@@ -424,7 +424,16 @@ def train_round(cfg, r, rdir, ckpt, device):
     os.remove(state)
 
 
-RESUMABLE = ("rounds", "micro_batch", "save_every")  # may change when a run is resumed
+RESUMABLE = ("out_dir", "rounds", "micro_batch", "save_every")  # may change when a run is resumed
+
+
+def same_setting(key, a, b):
+    """Settings compare by meaning: checkpoint paths by the folder they name, game options as parsed JSON."""
+    if key in ("model", "extractor") and a and b and os.path.isdir(a) and os.path.isdir(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    if key == "game_options":
+        return game_settings(a) == game_settings(b)
+    return a == b
 
 
 def check_resume(cfg):
@@ -433,7 +442,7 @@ def check_resume(cfg):
     if not os.path.exists(path):
         return
     old = json.load(open(path))
-    diff = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and old.get(k, v) != v]
+    diff = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and not same_setting(k, old.get(k, v), v)]
     if diff:
         raise SystemExit(f"error: {cfg.out_dir} holds a run made with other settings ({', '.join(diff)}); "
                          "rerun with the same flags to resume it, or pass a new --out_dir")

@@ -46,9 +46,9 @@ def parse_args(argv=None):
     helps = field_help()
     for f in dataclasses.fields(oel.OELConfig):
         kind = parse_bool_or_none if f.type in (bool, "bool", bool | None, "bool | None") else type(f.default)
-        p.add_argument(f"--{f.name}", type=kind, default=None, help=f"{helps.get(f.name, '')} (default: {f.default})")
-    args = vars(p.parse_args(argv))
-    given = {k: v for k, v in args.items() if v is not None}
+        p.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
+                       help=f"{helps.get(f.name, '')} (default: {f.default})")
+    given = vars(p.parse_args(argv))  # only the flags given (--thinking none included)
     preset = TINY if given.get("model") == "tiny" else {}
     return oel.OELConfig(**{**preset, **given})
 
@@ -67,12 +67,14 @@ def resolve_model(name):
                          "download it elsewhere and pass its directory to --model") from e
 
 
-def check(cfg):
-    """Fail early on settings that cannot work."""
-    for name in ("rounds", "K", "n", "n_train", "rollout_batch", "steps", "batch_size", "micro_batch", "max_turns",
-                 "max_new_tokens", "extract_max_new_tokens", "knowledge_budget", "save_every"):
+def check_settings(cfg):
+    """Fail early, before any download, on settings that cannot work."""
+    for name in ("rounds", "K", "n", "n_train", "n_test", "rollout_batch", "steps", "batch_size", "micro_batch",
+                 "max_turns", "max_new_tokens", "extract_max_new_tokens", "knowledge_budget", "save_every"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"error: --{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.n_ood < 0 or cfg.topk < 0:
+        raise SystemExit("error: --n_ood and --topk must be >= 0")
     if cfg.lr <= 0 or cfg.kl_temperature <= 0:
         raise SystemExit("error: --lr and --kl_temperature must be > 0")
     if cfg.context not in ("knowledge", "raw"):
@@ -84,9 +86,18 @@ def check(cfg):
         games.make_games(cfg.game, "test", 1, **oel.game_settings(cfg.game_options))
     except (ValueError, TypeError) as e:  # bad JSON, unknown or impossible settings
         raise SystemExit(f"error: --game_options {cfg.game_options!r} for {cfg.game}: {e}") from None
+
+
+def check(cfg):
+    """Fail early on settings that cannot work with the (resolved) checkpoints."""
+    check_settings(cfg)
+    for flag, path in (("--model", cfg.model), ("--extractor", cfg.extractor)):
+        if path and path != "tiny" and not os.path.exists(os.path.join(path, "config.json")):
+            raise SystemExit(f"error: {flag} {path} has no config.json: not a Hub-layout checkpoint")
+    vocab = modeling.TINY.vocab_size if cfg.model == "tiny" else modeling.ModelConfig.from_hf(cfg.model).vocab_size
+    if cfg.topk >= vocab:
+        raise SystemExit(f"error: --topk {cfg.topk} must be below the vocabulary size {vocab} (0: the exact KL)")
     if cfg.model != "tiny":
-        if not os.path.exists(os.path.join(cfg.model, "config.json")):
-            raise SystemExit(f"error: {cfg.model} has no config.json: not a Hub-layout checkpoint")
         mc = modeling.ModelConfig.from_hf(cfg.model)
         # the extraction prompt holds the knowledge, a whole trajectory and the response
         need = cfg.knowledge_budget + cfg.max_turns * (cfg.max_new_tokens + 512) + cfg.extract_max_new_tokens
@@ -125,6 +136,7 @@ def summary(rows):
 
 def main(argv=None):
     cfg = parse_args(argv)
+    check_settings(cfg)
     cfg.model = resolve_model(cfg.model)
     if cfg.extractor:
         cfg.extractor = resolve_model(cfg.extractor)

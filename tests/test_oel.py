@@ -205,6 +205,33 @@ def test_train_rejects_bad_settings(tmp_path):
         train.check(train.parse_args(["--model", "tiny", "--game_options", '{"size": 1}']))
     with pytest.raises(SystemExit, match="--game_options"):
         train.check(train.parse_args(["--model", "tiny", "--game_options", "{size"]))
+    for flag in ("--topk", "--n_ood"):
+        with pytest.raises(SystemExit, match="must be >= 0"):
+            train.check_settings(train.parse_args(["--model", "tiny", flag, "-1"]))
+    with pytest.raises(SystemExit, match="--topk 1024 must be below the vocabulary size 1024"):
+        train.check(train.parse_args(["--model", "tiny", "--topk", "1024"]))
+    with pytest.raises(SystemExit, match="--extractor .* no config.json"):
+        train.check(train.parse_args(["--model", "tiny", "--extractor", str(tmp_path)]))
+
+
+def test_train_flags_reach_the_config():
+    """Every given flag wins over the defaults and the tiny preset, --thinking none (instruct models) included."""
+    assert train.parse_args(["--model", "tiny", "--thinking", "none"]).thinking is None
+    assert train.parse_args(["--thinking", "true"]).thinking is True and train.parse_args([]).thinking is False
+    cfg = train.parse_args(["--model", "tiny", "--steps", "7", "--lr", "0.5", "--game_options", '{"size": 4}'])
+    assert (cfg.steps, cfg.lr, cfg.game_options, cfg.K) == (7, 0.5, '{"size": 4}', train.TINY["K"])
+
+
+def test_resume_compares_settings_by_meaning(tmp_path, monkeypatch):
+    """The same run folder, checkpoint folder or game options spelled differently still resume; other settings refuse."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "ck").mkdir()
+    cfg = oel.OELConfig(model=str(tmp_path / "ck"), out_dir=str(tmp_path / "run"), game_options='{"size": 4}')
+    oel.atomic_write(tmp_path / "run" / "config.json", json.dumps(oel.asdict(cfg)))
+    monkeypatch.chdir(tmp_path)
+    oel.check_resume(oel.OELConfig(model="./ck", out_dir="run", game_options='{ "size":4 }'))
+    with pytest.raises(SystemExit, match=r"other settings \(game_options\)"):
+        oel.check_resume(oel.OELConfig(model="ck", out_dir="run", game_options='{"size": 5}'))
 
 
 def test_extract_pool_accumulates_saves_versions_and_resumes(tiny, tmp_path, monkeypatch):
@@ -261,6 +288,20 @@ def test_eval_cli_writes_result_and_trajectories(tmp_path):
     assert res["n"] == 3 and res["mode"] == "knowledge" and 0 <= res["pass_rate"] <= 1
     trajs = games.load_trajectories(tmp_path / "res.jsonl")
     assert len(trajs) == 3 and all(KNOWLEDGE in t.turns[0].prompt for t in trajs)
+    assert res["budget"] == oel.OELConfig.knowledge_budget  # no run folder around the context: the default
+
+
+def test_eval_defaults_follow_the_run(tmp_path):
+    """eval.py writes beside a checkpoint folder (r0 and r1 results do not overwrite each other), takes the raw-context
+    budget from the run that made the context, and rejects bad flags before loading any model."""
+    assert evaluation.default_out(str(tmp_path), "x") == str(tmp_path.parent / "eval_x.json")
+    assert evaluation.default_out("Qwen/Qwen3-1.7B", "x") == "eval_Qwen--Qwen3-1.7B_x.json"
+    (tmp_path / "r0").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps({"knowledge_budget": 300}))
+    assert evaluation.run_budget(str(tmp_path / "r0" / "deploy.jsonl")) == 300
+    for bad in (["--thinking", "maybe"], ["--mode", "raw"], ["--mode", "raw", "--context", str(tmp_path / "no.jsonl")]):
+        with pytest.raises(SystemExit):
+            evaluation.main(["--model", str(tmp_path / "not-loaded"), *bad])
 
 
 def test_play_keeps_finished_batches(tiny, tmp_path, monkeypatch):
