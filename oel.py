@@ -219,6 +219,10 @@ def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
             prompts.append(user_ids(tok, msg, cfg.thinking))
         outs = modeling.generate(extractor, tok, prompts, max_new_tokens=cfg.extract_max_new_tokens,
                                  temperature=0.7, top_p=0.8, top_k=20, seed=cfg.seed * 1000 + 100 * r + i)
+        cut = sum(not o.stopped and modeling.THINK in o.text and modeling.END_THINK not in o.text for o in outs)
+        if cut:  # strip_thinking leaves nothing of these: no lessons
+            tqdm.write(f"round {r} | warning: {cut} of {len(outs)} extraction responses ran out of tokens while "
+                       "thinking; raise --extract_max_new_tokens, or use a non-thinking mode")
         for k, out in enumerate(outs):
             new = [it for it in parse_items(out.text) if it not in items[k]]
             items[k] = trim_knowledge(items[k] + new, tok, cfg.knowledge_budget)

@@ -261,6 +261,17 @@ def test_extract_pool_accumulates_saves_versions_and_resumes(tiny, tmp_path, mon
     assert oel.extract_pool(None, tok, trajs, cfg, str(tmp_path), r=0) == pool and calls == []
 
 
+def test_extraction_warns_when_thinking_is_cut_off(tiny, tmp_path, monkeypatch, capsys):
+    """Responses that hit the token limit inside a think block give no lessons, and the run says why."""
+    _, tok = tiny
+    cut = modeling.Completion([], f"{modeling.THINK}\nlet me think about", [], False)
+    done = modeling.Completion([], f"{modeling.THINK}x{modeling.END_THINK}\n{oel.MARKER} a lesson", [], True)
+    monkeypatch.setattr(oel.modeling, "generate", lambda m, tok, prompts, **kw: [cut, done][:len(prompts)])
+    pool = oel.extract_pool(None, tok, [fake_trajectory(0)], oel.OELConfig(K=2, n=1), str(tmp_path), r=0)
+    assert pool == ["", f"{oel.MARKER} a lesson"]
+    assert "1 of 2 extraction responses ran out of tokens while thinking" in capsys.readouterr().out
+
+
 def test_raw_context_pool_replaces_extraction(tmp_path):
     """With context 'raw' the teacher's pool is budget-capped rendered trajectories and nothing is extracted;
     game settings reach every game set."""
