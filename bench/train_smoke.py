@@ -30,7 +30,8 @@ def random_checkpoint(cfg, path):
     """A random-weight checkpoint of shape cfg with the tiny tokenizer, in Hub layout."""
     _, tok = M.load("tiny")
     torch.manual_seed(0)
-    model = M.Transformer(cfg)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 2B-parameter init is slow on a CPU
+        model = M.Transformer(cfg)
     with torch.no_grad():
         for w in model.parameters():
             if w.dim() == 2:
