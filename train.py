@@ -88,17 +88,15 @@ def check_settings(cfg):
         raise SystemExit(f"error: --game_options {cfg.game_options!r} for {cfg.game}: {e}") from None
 
 
-def check(cfg):
+def check_checkpoints(cfg):
     """Fail early on settings that cannot work with the (resolved) checkpoints."""
-    check_settings(cfg)
     for flag, path in (("--model", cfg.model), ("--extractor", cfg.extractor)):
         if path and path != "tiny" and not os.path.exists(os.path.join(path, "config.json")):
             raise SystemExit(f"error: {flag} {path} has no config.json: not a Hub-layout checkpoint")
-    vocab = modeling.TINY.vocab_size if cfg.model == "tiny" else modeling.ModelConfig.from_hf(cfg.model).vocab_size
-    if cfg.topk >= vocab:
-        raise SystemExit(f"error: --topk {cfg.topk} must be below the vocabulary size {vocab} (0: the exact KL)")
+    mc = modeling.TINY if cfg.model == "tiny" else modeling.ModelConfig.from_hf(cfg.model)
+    if cfg.topk >= mc.vocab_size:
+        raise SystemExit(f"error: --topk {cfg.topk} must be below the vocabulary size {mc.vocab_size} (0: the exact KL)")
     if cfg.model != "tiny":
-        mc = modeling.ModelConfig.from_hf(cfg.model)
         # the extraction prompt holds the knowledge, a whole trajectory and the response
         need = cfg.knowledge_budget + cfg.max_turns * (cfg.max_new_tokens + 512) + cfg.extract_max_new_tokens
         if need > mc.max_position_embeddings:
@@ -115,6 +113,12 @@ def check(cfg):
         if torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < gpu:
             raise SystemExit(f"error: training a {P / 1e9:.1f}B model needs ~{gpu / 2**30:.0f} GiB of GPU memory "
                              "before activations; this GPU has less")
+
+
+def check(cfg):
+    """Both checks, for a config whose checkpoints are already local."""
+    check_settings(cfg)
+    check_checkpoints(cfg)
 
 
 def num_params(mc):
@@ -140,7 +144,7 @@ def main(argv=None):
     cfg.model = resolve_model(cfg.model)
     if cfg.extractor:
         cfg.extractor = resolve_model(cfg.extractor)
-    check(cfg)
+    check_checkpoints(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"oel | model {cfg.model} | game {cfg.game} | {cfg.rounds} rounds | device {device} | out {cfg.out_dir}")
     print(json.dumps(dataclasses.asdict(cfg)))
