@@ -1,6 +1,9 @@
 #!/bin/bash
 # Everything a lent GPU should run, in priority order, each step time-boxed; logs go to $OUT (or runs/gpu).
 # Usage: bash bench/gpu_all.sh [STEP...]   steps: cuda generate kl tests hf smoke (default: cuda generate kl)
+# Liger-Kernel for bench/kl.py travels as a wheel in .whl/ (git-ignored; carry it): fetch it on a networked machine
+# with `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel`.
+# The lent GPU's image has torch 2.11 and triton 3.6 but not textworld, so `tests` leaves the games tests out.
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (liger-kernel for bench/kl.py)
