@@ -28,7 +28,7 @@ chunk); an fp32 accumulator would cost 4 V H bytes (1.2 GB). Each chunk reads an
 
 import torch
 
-from kernels.kl import flat_mask, kl_rows_torch, kl_rows_triton, scale_grad, triton
+from kernels.kl import check_dtypes, flat_mask, kl_rows_torch, kl_rows_triton, scale_grad, triton
 
 
 def default_chunk_size(V, dtype, budget=384 * 2**20):
@@ -50,6 +50,11 @@ class FusedLinearKL(torch.autograd.Function):
     def forward(ctx, student_hidden, w_s, teacher_hidden, w_t, mask, temperature, reverse, chunk_size, rows_fn):
         h_s = student_hidden.reshape(-1, student_hidden.shape[-1])  # [T, H]; leading dims (B, T) flattened
         h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])  # [T, H']
+        if h_s.shape[0] != h_t.shape[0] or w_s.shape[0] != w_t.shape[0] or h_s.shape[1] != w_s.shape[1] \
+                or h_t.shape[1] != w_t.shape[1]:
+            raise ValueError(f"shapes do not match: student hidden {tuple(student_hidden.shape)}, weight "
+                             f"{tuple(w_s.shape)}; teacher hidden {tuple(teacher_hidden.shape)}, weight {tuple(w_t.shape)}")
+        check_dtypes(h_s, w_s, h_t, w_t)
         T, V = h_s.shape[0], w_s.shape[0]
         valid, count = flat_mask(mask, T, h_s.device)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

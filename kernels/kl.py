@@ -153,8 +153,17 @@ def kl_rows_torch(s, t, grad, valid, count, temperature, reverse):
     return loss
 
 
+def check_dtypes(*xs):
+    """float16 is refused: its gradient, stored in forward already divided by tau * n_valid, would underflow
+    before a loss scaler's factor reaches it in backward."""
+    if any(x.dtype == torch.float16 for x in xs):
+        raise TypeError("float16 inputs are not supported (the stored gradient underflows); use bfloat16 or float32")
+
+
 def flat_mask(mask, T, device):
     """(valid [T] int8, n_valid int32 scalar tensor) from an optional bool mask; no host sync."""
+    if mask is not None and mask.numel() != T:
+        raise ValueError(f"mask has {mask.numel()} elements for {T} tokens")
     valid = torch.ones(T, dtype=torch.int8, device=device) if mask is None else mask.reshape(T).to(device, torch.int8)
     return valid.contiguous(), valid.sum(dtype=torch.int32)
 
@@ -163,7 +172,7 @@ def scale_grad(grad, grad_output):
     """Backward of a loss whose gradient was saved in forward: skip the multiply when upstream is 1."""
     if grad is None or torch.equal(grad_output, torch.ones_like(grad_output)):
         return grad
-    return grad * grad_output.to(grad.dtype)
+    return grad * grad_output  # the fp32 scalar is not rounded to grad's dtype first
 
 
 class KLDiv(torch.autograd.Function):
@@ -171,6 +180,10 @@ class KLDiv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, mask, temperature, reverse, rows_fn):
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                             f"{tuple(teacher_logits.shape)} differ in shape")
+        check_dtypes(student_logits, teacher_logits)
         shape, V = student_logits.shape, student_logits.shape[-1]
         s = student_logits.reshape(-1, V)  # [T, V]; leading dims (B, T) are flattened
         t = teacher_logits.reshape(-1, V)
@@ -206,7 +219,7 @@ def kl_div_triton(student_logits, teacher_logits, mask=None, temperature=1.0, re
 def kl_div(student_logits, teacher_logits, mask=None, temperature=1.0, reverse=True, impl=None):
     """Mean over valid tokens of KL(p_s || p_t) (reverse) or KL(p_t || p_s) (forward), p = softmax(z / tau).
 
-    student_logits, teacher_logits: [T, V] (or [B, T, V]), bf16 / fp16 / fp32; mask: [T] (or [B, T]) bool.
+    student_logits, teacher_logits: [T, V] (or [B, T, V]), bf16 or fp32; mask: [T] (or [B, T]) bool.
     Returns an fp32 scalar; only student_logits gets a gradient. impl: None (Triton for CUDA tensors when
     Triton is installed, torch otherwise), 'triton' or 'torch'.
     """

@@ -172,6 +172,33 @@ def test_fused_linear_bf16_matches_float64(impl):
     assert rel(h_s.grad, g @ w_s.double()) < 1e-2 and rel(w_s.grad, g.T @ h_s.double()) < 1e-2
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_upstream_scale_is_not_rounded_to_bf16(impl):
+    """An upstream gradient of 1/3 scales a bf16 gradient by 1/3 on average, not by bf16(1/3) = 0.33398."""
+    s, t = logits(8, 3000, torch.bfloat16)
+    _, g1 = loss_and_grad(KL[impl], s, t, None, 0.7)
+    _, g3 = loss_and_grad(KL[impl], s, t, None, 0.7, upstream=torch.tensor(1 / 3))
+    nz = g1.abs() > 1e-6
+    assert abs((g3[nz] / g1[nz]).mean().item() * 3 - 1) < 3e-4
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_inputs_raise(impl):
+    """Mismatched shapes, a mask of the wrong size and float16 fail with a message instead of reading out of bounds."""
+    s, t = logits(4, 50, torch.float32)
+    with pytest.raises(ValueError, match="differ in shape"):
+        KL[impl](s, t[:3])
+    with pytest.raises(ValueError, match="mask has 3 elements for 4 tokens"):
+        KL[impl](s, t, torch.ones(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="float16"):
+        KL[impl](s.half(), t.half())
+    h_s, w_s, h_t, w_t = linear_inputs(4, 16, 50, torch.float32, tied=False)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        FUSED[impl](h_s, w_s, h_t, w_t[:48])
+    with pytest.raises(ValueError, match="shapes do not match"):
+        FUSED[impl](h_s, w_s, h_t[:3], w_t)
+
+
 def test_default_chunk_fits_1gib():
     """At Qwen3-1.7B's sizes (T = 8192, H = 2048, V = 151,936, bf16) the default chunk's two [C, V] buffers plus the
     returned grad_W and grad_h stay under 1 GiB, with chunks large enough for efficient matmuls."""
