@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -279,8 +280,9 @@ def load(path_or_name, device="cpu", dtype=torch.float32):
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = model.state_dict()
-    sd = {}
-    for k, v in _read_weights(path, device).items():
+    sd, weights = {}, _read_weights(path, device)
+    for k in list(weights):
+        v = weights.pop(k)  # convert one tensor at a time: the checkpoint is never held twice
         if k.endswith("rotary_emb.inv_freq") or (k == "lm_head.weight" and cfg.tie_word_embeddings):
             continue  # recomputed / tied to the embedding
         if not v.is_floating_point():
@@ -450,10 +452,15 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]],
     Mixed prompt lengths give the same results as one-by-one (left padding, per-row positions, masked pads)."""
     if not prompts:
         return []
+    if max_new_tokens < 1 or not all(prompts):
+        raise ValueError(f"generate needs max_new_tokens >= 1 (got {max_new_tokens}) and non-empty prompts")
     device, dtype = model.output_weight.device, model.output_weight.dtype
     uniq = list(dict.fromkeys(tuple(p) for p in prompts))  # prefill each distinct prompt once
     where = {p: i for i, p in enumerate(uniq)}
     P = max(len(p) for p in uniq)
+    if P + max_new_tokens > model.config.max_position_embeddings:
+        warnings.warn(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceed the model's context of "
+                      f"{model.config.max_position_embeddings} tokens: positions beyond it were never trained")
     idx = torch.full((len(uniq), P), tokenizer.pad_id, dtype=torch.long)  # [U,P], left-padded
     for i, p in enumerate(uniq):
         idx[i, P - len(p):] = torch.tensor(p)

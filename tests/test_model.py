@@ -284,6 +284,20 @@ def test_compiled_decode_step(lm, monkeypatch):
     assert not cache_like, cache_like
 
 
+@torch.no_grad()
+def test_generate_rejects_bad_requests(lm):
+    """No new tokens or an empty prompt is an error; running past the trained context is warned about."""
+    model, tok = lm
+    with pytest.raises(ValueError, match="max_new_tokens >= 1"):
+        M.generate(model, tok, PROMPTS, max_new_tokens=0)
+    with pytest.raises(ValueError, match="non-empty prompts"):
+        M.generate(model, tok, [[1, 2], []], max_new_tokens=2)
+    short = copy.deepcopy(model)
+    short.config = replace(model.config, max_position_embeddings=16)
+    with pytest.warns(UserWarning, match="exceed the model's context of 16"):
+        M.generate(short, tok, [list(range(1, 11))], max_new_tokens=8, temperature=0)
+
+
 def test_top_p_keeps_smallest_head():
     """top_p keeps the smallest set of most likely tokens whose probability reaches top_p."""
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().expand(2000, 4)
