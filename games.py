@@ -403,15 +403,15 @@ def user_prompt(game: str, state: str, knowledge: str | None = None) -> str:
 
 
 def parse_action(response: str) -> str | None:
-    """The last [bracketed] text after any thinking, lower-cased and trimmed; None if there is none or the
-    thinking never ended."""
+    """The last non-empty [bracketed] text after any thinking, lower-cased, trimmed of spaces, quotes, backticks
+    and backslashes (markdown escapes); None if there is none or the thinking never ended."""
     if "</think>" in response:
         response = response.rsplit("</think>", 1)[1]
     elif "<think>" in response:
         return None
-    found = re.findall(r"\[([^\[\]]*)\]", response)
-    action = " ".join(found[-1].split()).lower() if found else ""
-    return action or None
+    found = [" ".join(m.split()).strip("`'\"\\ ").lower() for m in re.findall(r"\[([^\[\]]*)\]", response)]
+    found = [a for a in found if a]
+    return found[-1] if found else None
 
 
 # ----------------------------------------------------------------------------- rollouts

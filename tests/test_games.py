@@ -129,9 +129,10 @@ def test_clear_errors():
     ("[up]", "up"), ("[UP]", "up"), ("Going right looks safe. [ Right ]\n", "right"),
     ("<think>maybe [left]</think>\nSo: [down]", "down"), ("<think>maybe [left]</think> no idea", None),
     ("<think>I will go [left]", None), ("no brackets at all", None), ("[up] or rather [left]", "left"),
-    ("[]", None), ("plan...</think>[Down]", "down"), ("[Go  North]", "go north")])
+    ("[]", None), ("plan...</think>[Down]", "down"), ("[Go  North]", "go north"), ("[`up`]", "up"),
+    ("\\[left\\]", "left"), ("[right] then [ ]", "right"), ('["take key"]', "take key")])
 def test_parse_action(response, action):
-    """The action is the last bracketed text after the thinking, lower-cased and trimmed."""
+    """The action is the last non-empty bracketed text after the thinking, lower-cased and trimmed."""
     assert parse_action(response) == action
 
 
