@@ -4,6 +4,7 @@ model of Qwen3-1.7B's exact shape in bf16: greedy, fixed-length prompts, no earl
 
     python bench/generate.py                    # GPU: prompt 512, 256 new tokens, batch 1/16/64
     python bench/generate.py --tiny             # CPU smoke run at a tiny shape
+    python bench/generate.py --profile          # the kernels of one batch-1 decode step
 
 prefill = time of a 1-token generate call; decode tok/s = B * (N - 1) / (time(N tokens) - prefill).
 Targets on one H100: >= 500 tok/s at B=1 and >= 7,600 tok/s at B=64.
@@ -42,6 +43,29 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
+def profile_step(model, dtype, device, S=768, reps=10):
+    """What one batch-1 decode step runs (the compiled step, outside its CUDA graph): the number of kernels, their
+    summed time, and the ones that take longest. Compare the sum with the measured step time: the gap is launches."""
+    cuda = device == "cuda"
+    cache = M.KVCache(model.config, torch.zeros(1, dtype=torch.long, device=device), S, dtype)
+    tok, col = torch.zeros(1, dtype=torch.long, device=device), torch.tensor([S // 2], device=device)
+    with torch.no_grad():
+        for _ in range(3):
+            M.decode_logits_compiled(model, cache, tok, col)
+        acts = [torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(reps):
+                M.decode_logits_compiled(model, cache, tok, col)
+            if cuda:
+                torch.cuda.synchronize()
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    kernels = [e for e in prof.events() if e.device_type == kind and (cuda or e.cpu_parent is None)]
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / reps / 1e3
+    print(f"\nbatch-1 step, cache {S}: {len(kernels) / reps:.0f} {'kernels' if cuda else 'top-level ops'}, "
+          f"{busy:.3f} ms of {'kernel' if cuda else 'op'} time per step")
+    print(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=12))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shape, short prompt, float32")
@@ -49,6 +73,7 @@ def main():
     p.add_argument("--prompt", type=int, default=512, help="prompt length")
     p.add_argument("--new", type=int, default=256, help="new tokens per row")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    p.add_argument("--profile", action="store_true", help="only profile one batch-1 decode step")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg, dtype = QWEN3_1_7B, torch.bfloat16
@@ -62,6 +87,8 @@ def main():
         for w in ours.parameters():
             if w.dim() == 2:
                 w.normal_(0, 0.02)
+    if args.profile:
+        return profile_step(ours, dtype, device)
     def ours_run(idx, n, compiled=True):  # compiled=False: the same CUDA graph around the eager decode step
         saved = M.decode_logits_compiled
         M.decode_logits_compiled = saved if compiled else M.decode_logits

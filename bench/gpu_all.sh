@@ -1,6 +1,6 @@
 #!/bin/bash
 # Everything a lent GPU should run, in priority order, each step time-boxed; logs go to $OUT (or runs/gpu).
-# Usage: bash bench/gpu_all.sh [STEP...]   steps: cuda generate kl tests hf smoke (default: cuda generate kl)
+# Usage: bash bench/gpu_all.sh [STEP...]   steps: cuda generate kl tests hf smoke profile (default: cuda generate kl)
 # Liger-Kernel for bench/kl.py travels as a wheel in .whl/ (git-ignored; carry it): fetch it on a networked machine
 # with `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel`.
 # The lent GPU's image has torch 2.11 and triton 3.6 but not textworld, so `tests` leaves the games tests out.
@@ -20,6 +20,7 @@ for step in ${@:-cuda generate kl}; do
         hf) timeout 420 python3 bench/generate.py --new 64 ;;
         kl) timeout 180 python3 bench/kl.py ;;
         smoke) timeout 540 python3 bench/train_smoke.py ;;
+        profile) timeout 240 python3 bench/generate.py --profile ;;
     esac > "$OUT/$step.log" 2>&1
     echo "=== $step exit $? $(date -u +%H:%M:%S)"; tail -n 14 "$OUT/$step.log"
 done
