@@ -27,12 +27,17 @@ def contexts(mode, path, tok, budget):
     """The list of context texts for a mode (one per group of games); [None] for no context."""
     if mode == "none":
         return [None]
-    if not path or not os.path.exists(path):
-        raise SystemExit(f"error: --mode {mode} needs --context pointing to an existing file, got {path!r}")
+    check_context(mode, path)
     if mode == "knowledge":
         texts = json.load(open(path)) if path.endswith(".json") else [open(path).read()]
         return ["\n".join(oel.trim_knowledge(t.splitlines(), tok, budget)) for t in texts]
     return [oel.raw_context(games.load_trajectories(path), tok, budget)]
+
+
+def check_context(mode, path):
+    """Modes other than none need an existing context file."""
+    if mode != "none" and not (path and os.path.exists(path)):
+        raise SystemExit(f"error: --mode {mode} needs --context pointing to an existing file, got {path!r}")
 
 
 def run_budget(context):
@@ -101,8 +106,7 @@ def main(argv=None):
         return
     if not a.model:
         p.error("--model is required unless --plot is given")
-    if a.mode != "none" and not (a.context and os.path.exists(a.context)):  # before loading a model
-        p.error(f"--mode {a.mode} needs --context pointing to an existing file, got {a.context!r}")
+    check_context(a.mode, a.context)  # before loading a model
     budget = a.budget or run_budget(a.context)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     m, tok = modeling.load(resolve_model(a.model), device=device, dtype=oel.infer_dtype(device))
