@@ -14,8 +14,8 @@ The teacher gets no gradient (W_t included, even when it is W_s: only the studen
 Everything is done in forward, chunk by chunk, in two reused [C, V] buffers:
   z_s = h_s[c] @ W_s^T, z_t = h_t[c] @ W_t^T  (torch matmul, the inputs' dtype)
   the kl kernel reads both and writes g in place over z_s  (the buffer is ours, so that is safe)
-  grad_h[c] = g @ W_s,  grad_W += g^T @ h_s[c]
-and backward only scales (grad_h, grad_W) by the upstream gradient, skipped when it is 1.
+  grad_h[c] = g @ W_s,  grad_W += g^T @ h_s[c]  (the first chunk writes grad_W)
+and backward only scales (grad_h, grad_W) in place by the upstream gradient (kernels/kl.py's scale_grad).
 
 FLOPs it must do: 2 T H V for each of z_s, z_t, grad_h, grad_W = 8 T H V: 2.0e13 at T = 8192,
 H = 2048, V = 151,936, i.e. ~30-37 ms at an H100's dense bf16 rate; plus 5 T V b bytes for the kl
@@ -35,7 +35,8 @@ from kernels.kl import check_call, check_dtypes, flat_mask, kl_rows_torch, kl_ro
 
 def default_chunk_size(V, dtype, budget=384 * 2**20):
     """Largest power-of-two token chunk whose two [C, V] logits buffers fit in `budget` bytes (512 at V = 151,936
-    in bf16, so the extra memory with the gradients stays under 1 GiB)."""
+    in bf16, so the extra memory with the gradients stays under 1 GiB; C = 640 fits too and was no faster on an
+    H200)."""
     per_token = 2 * V * torch.finfo(dtype).bits // 8
     return 1 << max(0, (budget // per_token).bit_length() - 1)
 
@@ -61,7 +62,7 @@ class FusedLinearKL(torch.autograd.Function):
         valid, count = flat_mask(mask, T, h_s.device)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h_s) if need_h else None
-        grad_w = torch.zeros_like(w_s) if need_w else None
+        grad_w = (torch.zeros_like if T == 0 else torch.empty_like)(w_s) if need_w else None  # the 1st chunk sets it
         loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
         C = max(1, min(T, chunk_size or default_chunk_size(V, h_s.dtype)))
         buf_s = h_s.new_empty(C, V)  # [C, V] student logits, then their gradient
@@ -74,17 +75,19 @@ class FusedLinearKL(torch.autograd.Function):
             loss += rows_fn(z_s, z_t, g, valid[i:j], count, temperature, reverse).sum()
             if need_h:
                 torch.mm(g, w_s, out=grad_h[i:j])
-            if need_w:
-                grad_w.addmm_(g.t(), h_s[i:j])  # [V, C] @ [C, H]
+            if need_w and i == 0:
+                torch.mm(g.t(), h_s[i:j], out=grad_w)  # [V, C] @ [C, H]: no zero fill, no read of grad_W
+            elif need_w:
+                grad_w.addmm_(g.t(), h_s[i:j])
         ctx.save_for_backward(None if grad_h is None else grad_h.view(student_hidden.shape), grad_w)
+        ctx.triton, ctx.scaled = rows_fn is kl_rows_triton, False
         return loss / count.clamp(min=1)
 
     @staticmethod
     @once_differentiable  # the saved gradients are constants: no second-order gradients
     def backward(ctx, grad_output):
-        grad_h, grad_w = ctx.saved_tensors
         nones = (None,) * 7  # teacher_hidden, teacher_weight, mask, temperature, reverse, chunk_size, rows_fn
-        return (scale_grad(grad_h, grad_output), scale_grad(grad_w, grad_output)) + nones
+        return scale_grad(ctx, ctx.saved_tensors, grad_output) + nones
 
 
 def fused_linear_kl_reference(student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None,

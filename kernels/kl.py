@@ -22,12 +22,15 @@ One program per row, two passes over the row (the Triton fused-softmax tutorial,
 Every exponent is (z - M) / tau, exact near the max, and no two log-sum-exps (rounded at the size of the
 logits, ~1e4 at worst) are subtracted: loss and gradient keep their accuracy whatever the logits' offset. A NaN logit gives a
 NaN loss and gradient for its row (terms with p = 0 are skipped by `p == 0`, which a NaN fails).
-Launch: grid T, BLOCK_V = 4096, 4 warps, 16-byte loads (an H200 sweep at T = 8192 put 4 warps ahead of 8 and of
-other block sizes), and no fma contraction, which rounded pass 2's exponents differently from pass 1's.
-The backward is then a scale of the stored gradient, skipped when the upstream gradient is 1.
+Launch: grid T, BLOCK_V = 4096, 4 warps, 16-byte loads (H200 sweeps: the best of 9 settings at T = 640, a fused
+chunk, and within 1% of the best at T = 8192), and no fma contraction: with it the kernel misses two accuracy tests
+on an H200 (zero gradient for identical inputs; the gradient at logits of 1e4) for a gain of about 1%.
+The backward is then an in-place scale of the stored gradient (the kernel returns at once when the upstream
+gradient is 1), with no host sync.
 
 Bytes it must move: 2 reads of each input + 1 write of the gradient = 5 T V b bytes
-(b = 2 in bf16): 12.4 GB at T = 8192, V = 151,936, i.e. ~4 ms at ~3 TB/s on an H100.
+(b = 2 in bf16): 12.4 GB at T = 8192, V = 151,936, i.e. ~4 ms at ~3 TB/s on an H100 (2.9 ms on an H200, where
+kl_div forward + backward took 3.35-3.49 ms on 2026-11-26).
 The gradient goes to a fresh tensor in the student's dtype, never over the student logits: those
 belong to the caller and may still be needed (the fused-linear path, which owns its logits
 buffer, does write the gradient in place over it).
@@ -111,16 +114,18 @@ if triton is not None:
                     tl.store(g_ptr + start + cols, (g * scale).to(g_ptr.dtype.element_ty), mask=inb)
 
 
+BLOCK_V, NUM_WARPS = 4096, 4  # the launch (see the docstring); bench/kl_sweep.py patches them
+
+
 def kl_rows_triton(s, t, grad, valid, count, temperature, reverse):
     """Per-row KL [T] (fp32, 0 on masked rows); writes dloss/ds into `grad` (may alias s) unless None."""
     T, V = s.shape
     loss = torch.empty(T, dtype=torch.float32, device=s.device)
-    block_v = min(triton.next_power_of_2(V), 4096)
     g = s if grad is None else grad
     if T > 0:  # fma contraction off: pass 2 rounds exactly as pass 1 did
         _kl_kernel[(T,)](s, t, g, valid, count, loss, s.stride(0), t.stride(0), g.stride(0), V, 1.0 / temperature,
-                         REVERSE=reverse, WRITE_GRAD=grad is not None, BLOCK_V=block_v, num_warps=4,
-                         enable_fp_fusion=False)
+                         REVERSE=reverse, WRITE_GRAD=grad is not None, BLOCK_V=min(triton.next_power_of_2(V), BLOCK_V),
+                         num_warps=NUM_WARPS, enable_fp_fusion=False)
     return loss
 
 
@@ -183,11 +188,40 @@ def flat_mask(mask, T, device):
     return valid.contiguous(), valid.sum(dtype=torch.int32)
 
 
-def scale_grad(grad, grad_output):
-    """Backward of a loss whose gradient was saved in forward: skip the multiply when upstream is 1. The upstream
-    gradient is read as a Python float (a host sync): a CUDA 0-dim tensor would be rounded to grad's dtype first."""
-    scale = grad_output.item()
-    return grad if grad is None or scale == 1.0 else grad * scale
+if triton is not None:
+
+    @triton.jit
+    def _scale_kernel(g_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+        """g *= scale in fp32, in place, grid-stride over BLOCKs; every program returns at once when the scale is 1."""
+        scale = tl.load(scale_ptr).to(tl.float32)
+        if scale != 1.0:
+            for i in range(tl.program_id(0), tl.cdiv(n, BLOCK), tl.num_programs(0)):
+                offs = tl.cast(i, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                g = tl.load(g_ptr + offs, mask=offs < n).to(tl.float32)
+                tl.store(g_ptr + offs, (g * scale).to(g_ptr.dtype.element_ty), mask=offs < n)
+
+
+SCALE_PROGRAMS = 2048  # the scale kernel's grid at most: little to launch when the scale is 1
+
+
+def scale_grad(ctx, grads, grad_output):
+    """Backward of a loss whose gradients were saved in forward: scale them in place by the upstream gradient,
+    in fp32 (a bf16 tensor times a 0-dim tensor would round the factor to 8 bits), and only once (a second
+    backward raises). The Triton path reads the factor on the device, so backward never waits for the GPU; the
+    torch path reads it as a Python float (a host sync) and skips the multiply when it is 1."""
+    if ctx.scaled:
+        raise RuntimeError("backward ran twice through a KL loss: its saved gradient is scaled in place, once")
+    ctx.scaled = True
+    for g in grads:
+        if g is None or g.numel() == 0:
+            continue
+        if ctx.triton:
+            BLOCK = 8192
+            grid = min(triton.cdiv(g.numel(), BLOCK), SCALE_PROGRAMS)
+            _scale_kernel[(grid,)](g, grad_output.float(), g.numel(), BLOCK=BLOCK)
+        elif (scale := grad_output.item()) != 1.0:
+            g.mul_(scale)  # a Python float: torch multiplies in fp32, whatever g's dtype
+    return grads
 
 
 class KLDiv(torch.autograd.Function):
@@ -208,13 +242,13 @@ class KLDiv(torch.autograd.Function):
         grad = torch.empty_like(s, memory_format=torch.contiguous_format) if ctx.needs_input_grad[0] else None
         loss = rows_fn(s, t, grad, valid, count, temperature, reverse).sum() / count.clamp(min=1)
         ctx.save_for_backward(None if grad is None else grad.view(shape))
+        ctx.triton, ctx.scaled = rows_fn is kl_rows_triton, False
         return loss
 
     @staticmethod
     @once_differentiable  # the saved gradient is a constant: no second-order gradients (an error, not a silent 0)
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return scale_grad(grad, grad_output), None, None, None, None, None
+        return scale_grad(ctx, ctx.saved_tensors, grad_output) + (None,) * 5
 
 
 def kl_div_reference(student_logits, teacher_logits, mask=None, temperature=1.0, reverse=True):
