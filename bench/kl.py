@@ -4,6 +4,7 @@ next to the hardware floors measured in the same run.
 
     python bench/kl.py                 # T = 4096, 8192; V = 151,936; H = 2048; bf16 (needs a GPU)
     python bench/kl.py --small         # tiny shapes, runs on a CPU (the torch path); a smoke test
+    python bench/kl.py --methods ours --profile   # ours alone, then where its time goes (torch.profiler)
 
 logits path: kl_div(student [T, V], teacher [T, V]) -> loss, grad to the student logits.
   floor = bytes it must move / copy bandwidth = (2 reads of each input + 1 gradient write) / bw.
@@ -64,6 +65,21 @@ def methods(path):
     except ImportError:
         print("liger-kernel not installed: skipping it")
     return out
+
+
+def profile(fn, inputs, cuda):
+    """Print the operations of three forward + backward calls of fn, by their own device time (CPU time on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=acts) as prof:
+        for _ in range(3):
+            for x in inputs:
+                x.grad = None
+            fn(*inputs).backward()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
 
 
 def timed(fn, reps, sync):
@@ -133,6 +149,8 @@ def main():
     p.add_argument("--dtype", default="bfloat16", help="logits / hidden / weight dtype")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per method")
     p.add_argument("--paths", nargs="+", default=["logits", "fused"], help="which paths to time")
+    p.add_argument("--methods", nargs="+", help="time only these (e.g. ours 'ours C=1024' liger); default all")
+    p.add_argument("--profile", action="store_true", help="also print where ours spends its time, per path and T")
     p.add_argument("--small", action="store_true", help="tiny shapes for a CPU smoke run")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
@@ -162,6 +180,8 @@ def main():
                 floor = 8 * T * args.H * args.V / rate * 1e3
             rows.append((path, T, "floor", floor, None))
             for mname, fn in methods(path).items():
+                if args.methods and mname not in args.methods:
+                    continue
                 try:
                     ms, extra = run_method(fn, inputs, args.reps, cuda)
                 except Exception as e:  # OOM, no compiler for inductor, ...
@@ -171,6 +191,8 @@ def main():
                         torch.cuda.empty_cache()
                 rows.append((path, T, mname, ms, extra))
                 print(f"{path} T={T} {mname}: {ms:.2f} ms")
+                if args.profile and mname == "ours":
+                    profile(fn, inputs, cuda)
             del inputs
 
     print(f"\n{name}, V={args.V}, H={args.H}, {args.dtype}, forward+backward, median of {args.reps}")
