@@ -576,3 +576,16 @@ def test_consolidation_steps_on_cuda():
     logs = oel.consolidate(student, teacher, tok, states("frozenlake", "train", 4, 0), [KNOWLEDGE], cfg)
     assert len(logs) == 3 and all(math.isfinite(x["kl"]) and x["tokens"] > 0 for x in logs)
     assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixed_precision_kl_is_zero_without_knowledge_on_cuda():
+    """Real CUDA autocast (not its CPU emulation): with empty knowledge the float32 student under autocast and the
+    bfloat16 teacher agree to a KL under 1e-12 a token (4e-16 on an H200, 2026-11-26; exactly 0 under the CPU
+    emulation), where a float32 residual stream left a floor near 1e-6."""
+    student, tok = modeling.load("tiny", device="cuda")
+    teacher = oel.frozen_copy(student, torch.bfloat16)
+    cfg = oel.OELConfig(max_new_tokens=8, batch_size=2, micro_batch=2)
+    prompts = states("sokoban", "train", 2, 0)
+    loss, n = oel.distill_loss(student, teacher, tok, oel.sample_batch(student, tok, prompts, [""], cfg, 0, 0), cfg)
+    assert n > 0 and abs(loss.item()) / n < 1e-12  # distill_loss returns the KL summed over the n tokens
