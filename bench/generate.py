@@ -5,6 +5,7 @@ model of Qwen3-1.7B's exact shape in bf16: greedy, fixed-length prompts, no earl
     python bench/generate.py                    # GPU: prompt 512, 256 new tokens, batch 1/16/64
     python bench/generate.py --tiny             # CPU smoke run at a tiny shape
     python bench/generate.py --profile          # the kernels of one batch-1 decode step
+    python bench/generate.py --no-hf --fuse     # experiment: also time concatenated q/k/v and gate/up weights
 
 prefill = time of a 1-token generate call; decode tok/s = B * (N - 1) / (time(N tokens) - prefill).
 Targets on one H100: >= 500 tok/s at B=1 and >= 7,600 tok/s at B=64.
@@ -66,6 +67,36 @@ def profile_step(model, dtype, device, S=768, reps=10):
     print(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=12))
 
 
+class Shared(torch.nn.Module):
+    """Experiment (--fuse): one matmul with concatenated weights in place of several projections of the same input.
+    The first projection computes all the outputs and hands the others theirs; model.py keeps separate ones."""
+
+    def __init__(self, linears):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.cat([m.weight for m in linears]), requires_grad=False)
+        self.sizes, self.outs = [m.out_features for m in linears], []
+
+    def part(self, i):
+        def forward(x):
+            if i == 0:
+                self.outs = torch.nn.functional.linear(x, self.weight).split(self.sizes, -1)
+            return self.outs[i]
+        return forward
+
+
+def fuse_projections(model):
+    """A copy of model whose q/k/v and gate/up projections each run as one matmul (bias-free models only)."""
+    import copy
+    model = copy.deepcopy(model)
+    for block in model.model.layers:
+        for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj")), (block.mlp, ("gate_proj", "up_proj"))):
+            shared = Shared([getattr(parent, n) for n in names])
+            parent.shared = shared
+            for i, n in enumerate(names):
+                getattr(parent, n).forward = shared.part(i)
+    return model
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shape, short prompt, float32")
@@ -74,6 +105,7 @@ def main():
     p.add_argument("--new", type=int, default=256, help="new tokens per row")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     p.add_argument("--profile", action="store_true", help="only profile one batch-1 decode step")
+    p.add_argument("--fuse", action="store_true", help="also time ours with concatenated q/k/v and gate/up weights")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg, dtype = QWEN3_1_7B, torch.bfloat16
@@ -89,14 +121,22 @@ def main():
                 w.normal_(0, 0.02)
     if args.profile:
         return profile_step(ours, dtype, device)
-    def ours_run(idx, n, compiled=True):  # compiled=False: the same CUDA graph around the eager decode step
+    def ours_run(idx, n, compiled=True, model=ours):  # compiled=False: the same CUDA graph around the eager step
         saved = M.decode_logits_compiled
         M.decode_logits_compiled = saved if compiled else M.decode_logits
         try:
-            return M.generate(ours, NoStop(), idx.tolist(), max_new_tokens=n, temperature=0)
+            return M.generate(model, NoStop(), idx.tolist(), max_new_tokens=n, temperature=0)
         finally:
             M.decode_logits_compiled = saved
     systems = {"ours": ours_run, "ours eager": lambda idx, n: ours_run(idx, n, compiled=False)}
+    if args.fuse:
+        fused = fuse_projections(ours)
+        check = torch.randint(0, cfg.vocab_size, (2, 16), device=device)
+        with torch.no_grad():
+            same = [c.tokens for c in M.generate(fused, NoStop(), check.tolist(), max_new_tokens=8, temperature=0)] \
+                == [c.tokens for c in M.generate(ours, NoStop(), check.tolist(), max_new_tokens=8, temperature=0)]
+        print(f"fused projections: greedy tokens {'equal' if same else 'DIFFER (bf16 rounding?)'}")
+        systems["ours fused"] = lambda idx, n: ours_run(idx, n, model=fused)
     if not args.no_hf:
         import transformers
         hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
