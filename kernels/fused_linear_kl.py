@@ -87,7 +87,7 @@ class FusedLinearKL(torch.autograd.Function):
     @once_differentiable  # the saved gradients are constants: no second-order gradients
     def backward(ctx, grad_output):
         nones = (None,) * 7  # teacher_hidden, teacher_weight, mask, temperature, reverse, chunk_size, rows_fn
-        return scale_grad(ctx, ctx.saved_tensors, grad_output) + nones
+        return scale_grad(ctx, grad_output) + nones
 
 
 def fused_linear_kl_reference(student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None,

@@ -191,11 +191,12 @@ def flat_mask(mask, T, device):
 if triton is not None:
 
     @triton.jit
-    def _scale_kernel(g_ptr, scale_ptr, n, BLOCK: tl.constexpr):
-        """g *= scale in fp32, in place, grid-stride over BLOCKs; every program returns at once when the scale is 1."""
+    def _scale_kernel(g_ptr, scale_ptr, n, n_blocks, BLOCK: tl.constexpr):
+        """g *= scale in fp32, in place, grid-stride over BLOCKs; every program returns at once when the scale is 1.
+        n_blocks comes from the host: cdiv(n, BLOCK) in the kernel would overflow an int32 n near 2^31."""
         scale = tl.load(scale_ptr).to(tl.float32)
         if scale != 1.0:
-            for i in range(tl.program_id(0), tl.cdiv(n, BLOCK), tl.num_programs(0)):
+            for i in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
                 offs = tl.cast(i, tl.int64) * BLOCK + tl.arange(0, BLOCK)
                 g = tl.load(g_ptr + offs, mask=offs < n).to(tl.float32)
                 tl.store(g_ptr + offs, (g * scale).to(g_ptr.dtype.element_ty), mask=offs < n)
@@ -204,21 +205,23 @@ if triton is not None:
 SCALE_PROGRAMS = 2048  # the scale kernel's grid at most: little to launch when the scale is 1
 
 
-def scale_grad(ctx, grads, grad_output):
+def scale_grad(ctx, grad_output):
     """Backward of a loss whose gradients were saved in forward: scale them in place by the upstream gradient,
     in fp32 (a bf16 tensor times a 0-dim tensor would round the factor to 8 bits), and only once (a second
     backward raises). The Triton path reads the factor on the device, so backward never waits for the GPU; the
     torch path reads it as a Python float (a host sync) and skips the multiply when it is 1."""
     if ctx.scaled:
-        raise RuntimeError("backward ran twice through a KL loss: its saved gradient is scaled in place, once")
+        raise RuntimeError("backward already ran (or failed) through this KL loss: its saved gradient is scaled in "
+                           "place, once")
     ctx.scaled = True
+    grads = ctx.saved_tensors
     for g in grads:
         if g is None or g.numel() == 0:
             continue
         if ctx.triton:
             BLOCK = 8192
-            grid = min(triton.cdiv(g.numel(), BLOCK), SCALE_PROGRAMS)
-            _scale_kernel[(grid,)](g, grad_output.float(), g.numel(), BLOCK=BLOCK)
+            n_blocks = triton.cdiv(g.numel(), BLOCK)
+            _scale_kernel[(min(n_blocks, SCALE_PROGRAMS),)](g, grad_output.float(), g.numel(), n_blocks, BLOCK=BLOCK)
         elif (scale := grad_output.item()) != 1.0:
             g.mul_(scale)  # a Python float: torch multiplies in fp32, whatever g's dtype
     return grads
@@ -248,7 +251,7 @@ class KLDiv(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the saved gradient is a constant: no second-order gradients (an error, not a silent 0)
     def backward(ctx, grad_output):
-        return scale_grad(ctx, ctx.saved_tensors, grad_output) + (None,) * 5
+        return scale_grad(ctx, grad_output) + (None,) * 5
 
 
 def kl_div_reference(student_logits, teacher_logits, mask=None, temperature=1.0, reverse=True):

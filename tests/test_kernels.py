@@ -226,6 +226,18 @@ def test_fused_linear_matches_logits_path(impl, tied):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("need", ["h", "w"])
+def test_fused_linear_scales_a_lone_gradient(impl, need):
+    """With only h (or only W) needing a gradient and an upstream of 2.5, that gradient is right and scaled."""
+    h_s, w_s, h_t, w_t = linear_inputs(6, 16, 300, torch.float32, tied=False)
+    x, other = (h_s, w_s) if need == "h" else (w_s, h_s)
+    other.requires_grad_(False)
+    (g_ref,) = torch.autograd.grad(kl_div_reference(h_s @ w_s.T, (h_t @ w_t.T).detach(), None, 0.7) * 2.5, x)
+    (FUSED[impl](h_s, w_s, h_t, w_t, None, 0.7, chunk_size=4) * 2.5).backward()
+    assert rel(x.grad, g_ref) < 1e-5 and other.grad is None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_fused_linear_bf16_matches_float64(impl):
     """In bf16 the fused loss and h, W grads are within 1e-2 of float64 math on the same bf16 logits."""
     h_s, w_s, h_t, w_t = linear_inputs(12, 64, 3000, torch.bfloat16, tied=False)
@@ -254,7 +266,11 @@ def test_upstream_scale_is_applied_in_fp32_once(impl, monkeypatch):
     assert (g1 != 0).float().mean() > 0.9 and torch.equal(g3.float(), expected)
     loss = KL[impl](s.clone().requires_grad_(), t, None, 0.7)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward ran twice"):
+    with pytest.raises(RuntimeError, match="backward already ran"):
+        loss.backward()
+    loss = KL[impl](s.clone().requires_grad_(), t, None, 0.7) * 3.0  # upstream 3: the torch path has scaled in place
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward already ran"):
         loss.backward()
 
 
@@ -328,7 +344,8 @@ for reverse in (True, False):
         options = dict(num_warps=4, enable_fp_fusion=False)  # as kl_rows_triton launches it
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
         assert "ld.global.v4" in ptx, "no 16-byte vector loads"
-src = ASTSource(_scale_kernel, dict(g_ptr="*bf16", scale_ptr="*fp32", n="i64", BLOCK="constexpr"), dict(BLOCK=8192))
+src = ASTSource(_scale_kernel, dict(g_ptr="*bf16", scale_ptr="*fp32", n="i64", n_blocks="i32", BLOCK="constexpr"),
+                dict(BLOCK=8192))
 triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 """
 
