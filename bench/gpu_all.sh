@@ -1,6 +1,7 @@
 #!/bin/bash
 # Everything a lent GPU should run, in priority order, each step time-boxed; logs go to $OUT (or runs/gpu).
-# Usage: bash bench/gpu_all.sh [STEP...]   steps: cuda generate kl tests hf smoke profile sweep (default: cuda generate kl)
+# Usage: bash bench/gpu_all.sh [STEP...]   steps: cuda generate kl tests hf smoke profile sweep consolidate consolidate4b
+#        (default: cuda generate kl)
 # Liger-Kernel for bench/kl.py travels as a wheel in .whl/ (git-ignored; carry it): fetch it on a networked machine
 # with `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel`.
 # The lent GPU's image has torch 2.11 and triton 3.6 but not textworld, so `tests` leaves the games tests out.
@@ -22,7 +23,9 @@ for step in ${@:-cuda generate kl}; do
         smoke) timeout 540 python3 bench/train_smoke.py ;;
         profile) timeout 240 python3 bench/generate.py --profile ;;
         sweep) timeout 300 python3 bench/kl_sweep.py ;;
-        *) echo "unknown step $step (steps: cuda tests generate hf kl smoke profile sweep)"; false ;;
+        consolidate) timeout 300 python3 bench/consolidate.py ;;
+        consolidate4b) timeout 400 python3 bench/consolidate.py --shape 4b --offload ;;
+        *) echo "unknown step $step (steps: cuda tests generate hf kl smoke profile sweep consolidate consolidate4b)"; false ;;
     esac > "$OUT/$step.log" 2>&1
     echo "=== $step exit $? $(date -u +%H:%M:%S)"; tail -n 14 "$OUT/$step.log"
 done
