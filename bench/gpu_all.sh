@@ -24,7 +24,7 @@ for step in ${@:-cuda generate kl}; do
         profile) timeout 240 python3 bench/generate.py --profile ;;
         sweep) timeout 300 python3 bench/kl_sweep.py ;;
         consolidate) timeout 300 python3 bench/consolidate.py ;;
-        consolidate4b) timeout 400 python3 bench/consolidate.py --shape 4b --offload ;;
+        consolidate4b) timeout 400 python3 bench/consolidate.py --shape 4b --offload --steps 1 ;;
         *) echo "unknown step $step (steps: cuda tests generate hf kl smoke profile sweep consolidate consolidate4b)"; false ;;
     esac > "$OUT/$step.log" 2>&1
     echo "=== $step exit $? $(date -u +%H:%M:%S)"; tail -n 14 "$OUT/$step.log"
