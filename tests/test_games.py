@@ -91,10 +91,11 @@ def test_sokoban_rules():
     assert env.board() == "# # # # # #\n# X X _ P #\n# _ _ _ X #\n# _ _ _ O #\n# _ _ _ O #\n# # # # # #\n"
     env.step("down")  # onto a target: the box turns into √, the player leaves the target O behind
     assert env.board() == "# # # # # #\n# X X _ O #\n# _ _ _ P #\n# _ _ _ √ #\n# _ _ _ O #\n# # # # # #\n"
-    env.load("# # # # #\n# P X O #\n# # # # #")
+    env.load("# # # # # #\n# P X O √ #\n# # # # # #")  # a box already on a target counts as one
+    assert env.solve() == ["right"] and not env.done
     obs, reward, done, info = env.step("right")
     assert obs.startswith("You moved right and pushed a box.\nCongratulations! You have solved the Sokoban puzzle!")
-    assert "# _ P √ #" in obs and done and reward == 1.0 and info["won"]
+    assert "# _ P √ √ #" in obs and done and reward == 1.0 and info["won"]
 
 
 def test_seeds_reproducible_and_disjoint():
@@ -104,8 +105,12 @@ def test_seeds_reproducible_and_disjoint():
         assert boards(make_games(game, "test", 20)) == boards(make_games(game, "test", 20))
         assert len(set(boards(make_games(game, "train", 20, seed=3)))) > 8
         assert boards(make_games(game, "train", 5, seed=1)) != boards(make_games(game, "train", 5, seed=2))
+    for cls in (FrozenLake, Sokoban):
+        assert cls().reset(5) == cls(seed=5).reset() != cls().reset(6)  # reset(seed) plays that level
     test = {e.seed for e in make_games("sokoban", "test", 128)}
-    train = {e.seed for r in range(20) for e in make_games("sokoban", "train", 256, seed=r)}
+    rounds = [{e.seed for e in make_games("sokoban", "train", 256, seed=r)} for r in range(20)]
+    assert not any(a & b for i, a in enumerate(rounds) for b in rounds[i + 1:])  # every round plays fresh levels
+    train = set().union(*rounds)
     ood = {e.seed for s in range(3) for e in make_games("textworld", "ood", 64, seed=s)}
     assert len(test) == 128 and not test & train and not test & ood and not train & ood
 
@@ -171,7 +176,8 @@ def test_user_prompt_knowledge_and_no_rules():
         with_k = user_prompt(game, "Observation 1:\nBOARD", "- EXPERIENCE ITEM: H is a hole.")
         assert f"{KNOWLEDGE_HEADING}\n- EXPERIENCE ITEM: H is a hole." in with_k
         assert with_k.index(KNOWLEDGE_HEADING) < with_k.index("BOARD")
-    assert "[go north]" in user_prompt("textworld", "x")
+    assert "[go north]" in user_prompt("textworld", "x") and KNOWLEDGE_HEADING not in user_prompt("textworld", "x")
+    assert f"{KNOWLEDGE_HEADING}\n- EXPERIENCE ITEM: look first." in user_prompt("textworld", "x", "- EXPERIENCE ITEM: look first.")
 
 
 def test_textworld_walkthrough_wins(tmp_path, monkeypatch):
@@ -209,28 +215,38 @@ def test_textworld_lost_game_ends_cleanly(tmp_path, monkeypatch):
     assert obs == "You burned the purple potato!"
 
 
-def test_rollout_lockstep_scripted(monkeypatch):
+def test_rollout_lockstep_scripted(monkeypatch, tmp_path):
     """A scripted policy (the solver) wins every game in optimal steps; finished games leave the batch."""
     import model
 
     envs = make_games("sokoban", "test", 4) + make_games("frozenlake", "test", 4)
     batches = []
 
+    seeds = []
+
     def fake_generate(m, tok, prompts, **kw):
         live = [e for e in envs if not e.done]
         batches.append(len(prompts))
+        seeds.append(kw["seed"])
         assert len(prompts) == len(live)
-        return [SimpleNamespace(text=f"<think>[left]?</think> I go [{e.solve()[0].upper()}]", tokens=[0] * 7)
-                for e in live]
+        return [SimpleNamespace(text=f"<think>[left]?</think> I go [{e.solve()[0].upper()}] toward [G]", tokens=[0] * 7)
+                for e in live]  # the last bracket is not a move: the last valid one counts
 
     monkeypatch.setattr(model, "generate", fake_generate)
     tok = SimpleNamespace(encode=lambda s: [len(s)], chat=lambda messages, thinking: messages[0]["content"])
-    trajs = rollout(None, tok, envs, RolloutConfig(), seed=0)
+    trajs = rollout(None, tok, envs, RolloutConfig(), seed=3)
     assert all(t.won for t in trajs) and [t.steps for t in trajs] == [e.optimal for e in envs]
     assert batches[0] == 8 and batches == sorted(batches, reverse=True) and len(batches) == max(e.optimal for e in envs)
+    assert seeds == [3000 + t for t in range(len(batches))]  # the rollout's seed, a fresh one each turn
+    for t in trajs:  # each turn's state is the last one plus the action taken and the game's answer
+        for i in range(1, t.steps):
+            prev = t.turns[i - 1]
+            assert t.turns[i].state == f"{prev.state}\n\nAction {i}: [{prev.action}]\n\nObservation {i + 1}:\n{prev.feedback}"
     m = metrics(trajs)
     assert m["pass_rate"] == 1.0 and m["tokens_per_turn"] == 7 and m["n"] == 8
-    assert m["mean_steps"] == sum(e.optimal for e in envs) / 8
+    assert m["mean_steps"] == sum(e.optimal for e in envs) / 8 and m["tokens_per_episode"] == 7 * m["mean_steps"]
+    save_trajectories(tmp_path / "won.jsonl", trajs)
+    assert load_trajectories(tmp_path / "won.jsonl") == trajs and metrics(load_trajectories(tmp_path / "won.jsonl")) == m
 
 
 def test_rollout_feedback_names_an_invalid_action(monkeypatch):
@@ -240,8 +256,11 @@ def test_rollout_feedback_names_an_invalid_action(monkeypatch):
     env = make_games("frozenlake", "test", 1)[0]
     monkeypatch.setattr(model, "generate", lambda m, tok, prompts, **kw: [SimpleNamespace(text="I [jump]", tokens=[0])])
     tok = SimpleNamespace(encode=lambda s: [len(s)], chat=lambda messages, thinking: messages[0]["content"])
+    closed = []
+    monkeypatch.setattr(env, "close", lambda: closed.append(True))
     (traj,) = rollout(None, tok, [env], RolloutConfig(max_turns=1), seed=0)
     assert traj.turns[0].action == "jump" and traj.turns[0].feedback.startswith("Invalid action [jump]")
+    assert closed == [True]  # a game out of turns is closed (a TextWorld interpreter would leak)
 
 
 def test_rollout_tiny_model_jsonl(tmp_path):

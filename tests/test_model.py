@@ -149,6 +149,28 @@ def ckpt(tmp_path, tiny):
     return tmp_path
 
 
+def test_config_keeps_eps_and_unties_by_default(tmp_path):
+    """rms_norm_eps comes from config.json; without tie_word_embeddings the embeddings are untied (transformers'
+    default for these models)."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **SMALL, "rms_norm_eps": 1e-5}))
+    cfg = M.ModelConfig.from_hf(tmp_path)
+    assert cfg.rms_norm_eps == 1e-5 and cfg.tie_word_embeddings is False
+
+
+def test_load_dtype_tied_head_and_custom_eos(ckpt):
+    """load(dtype=...) gives that dtype; a tied checkpoint that also stores lm_head.weight loads; an eos_token named
+    in tokenizer_config.json (e.g. Llama 3's <|eot_id|>) is a stop token."""
+    model, _ = M.load(ckpt, dtype=torch.bfloat16)
+    assert model.config.tie_word_embeddings and all(p.dtype == torch.bfloat16 for p in model.parameters())
+    sd = load_file(ckpt / "model.safetensors")
+    save_file({**sd, "lm_head.weight": sd["model.embed_tokens.weight"].clone()}, ckpt / "model.safetensors")
+    M.load(ckpt)
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": {"content": "<think>"}}))
+    _, tok = M.load(ckpt)
+    assert tok.tok.token_to_id("<think>") in tok.stop_ids
+
+
 def test_error_missing_dir(tmp_path):
     """A missing directory or config.json is named."""
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -355,6 +377,31 @@ def test_top_p_keeps_smallest_head():
     assert abs((tok == 0).float().mean().item() - 0.5 / 0.95) < 0.05
 
 
+def filtered_probs(logits, temperature, top_p, top_k):
+    """Reference in float64: softmax(logits / T), keep the top_k most likely, then the smallest head of those whose
+    renormalised probability reaches top_p; renormalise."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    keep = p.argsort(descending=True)[:top_k or len(p)]
+    q = p[keep] / p[keep].sum()
+    keep = keep[:int((q.cumsum(0) - q < top_p).sum())]
+    out = torch.zeros_like(p)
+    out[keep] = p[keep] / p[keep].sum()
+    return out
+
+
+def test_sampler_draws_from_the_filtered_distribution():
+    """Over 20,000 draws from fixed, unsorted logits, the frequencies match the reference distribution for several
+    temperatures and top-p / top-k settings; top_k = 1 is greedy whatever top_p."""
+    logits = torch.tensor([0.1, 2.0, -1.0, 1.2, 0.5, -0.3])
+    gen = torch.Generator().manual_seed(0)
+    for T, top_p, top_k in [(0.5, 1.0, 0), (2.0, 1.0, 0), (1.0, 0.75, 0), (1.0, 0.8, 3), (1.0, 0.95, 2), (0.7, 0.9, 4)]:
+        tok, _ = M.sample(logits.expand(20000, 6), T, top_p, top_k, gen)
+        freq = torch.bincount(tok, minlength=6).double() / 20000
+        assert (freq - filtered_probs(logits, T, top_p, top_k)).abs().max() < 0.015, (T, top_p, top_k)
+    tok, _ = M.sample(logits.expand(100, 6), 1.0, 0.9, 1, gen)
+    assert (tok == 1).all()
+
+
 @torch.no_grad()
 def test_generate_under_autocast_and_in_training_mode(lm, autocast_policy):
     """A float32 model under bfloat16 autocast generates what its bfloat16 copy does; a model in training mode
@@ -426,6 +473,7 @@ def test_strip_thinking():
     """The answer is what follows the think block; an unfinished think block has no answer."""
     assert M.strip_thinking("<think>\nhmm\n</think>\n\nleft") == "left"
     assert M.strip_thinking("hmm</think>right") == "right"
+    assert M.strip_thinking("<think>a</think>b</think>c") == "c"  # the answer follows the last </think>
     assert M.strip_thinking("<think>still going") == ""
     assert M.strip_thinking(" up \n") == "up"
 
