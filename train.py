@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 
 import torch
@@ -186,11 +187,20 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"oel | model {cfg.model} | game {cfg.game} | {cfg.rounds} rounds | device {device} | out {cfg.out_dir}")
     print(json.dumps(dataclasses.asdict(cfg)))
+
+    def on_ctrl_c(signum, frame):  # stop at once, as a kill would: files are written whole or not at all
+        try:
+            sys.stdout.flush()
+        except (RuntimeError, ValueError):  # interrupted inside a write to stdout
+            pass
+        os.write(2, f"\ninterrupted: rerun the same command to resume {cfg.out_dir}\n".encode())
+        os._exit(130)  # no KeyboardInterrupt: raised inside native code it can surface as another error
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         rows = oel.run(cfg, device=device)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: rerun the same command to resume {cfg.out_dir}", file=sys.stderr)
-        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
     print(summary(rows))
 
 
