@@ -318,6 +318,17 @@ def test_train_rejects_bad_settings(tmp_path):
     modeling.save(*modeling.load("tiny"), tmp_path / "ck")
     with pytest.raises(SystemExit, match="more than the model's context"):
         train.check(train.parse_args(["--model", str(tmp_path / "ck"), "--knowledge_budget", "100000"]))
+    short = ["--max_turns", "1", "--max_new_tokens", "64", "--extract_max_new_tokens", "64"]  # ~640 tokens besides
+    train.check(train.parse_args(["--model", str(tmp_path / "ck"), "--knowledge_budget", "7000", *short]))
+    with pytest.raises(SystemExit, match="more than the model's context"):  # the budget counts
+        train.check(train.parse_args(["--model", str(tmp_path / "ck"), "--knowledge_budget", "8000", *short]))
+    for flag, value in (("--lr", "0"), ("--kl_temperature", "0")):
+        with pytest.raises(SystemExit, match="must be > 0"):
+            train.check_settings(train.parse_args(["--model", "tiny", flag, value]))
+    with pytest.raises(SystemExit, match="--context must be 'knowledge' or 'raw'"):
+        train.check_settings(train.parse_args(["--model", "tiny", "--context", "raws"]))
+    with pytest.raises(SystemExit, match="unknown game 'chess'"):
+        train.check_settings(train.parse_args(["--model", "tiny", "--ood_game", "chess"]))
     with pytest.raises(SystemExit):
         train.parse_args(["--thinking", "maybe"])
     with pytest.raises(SystemExit, match="--game_options"):
@@ -441,6 +452,27 @@ def test_eval_cli_writes_result_and_trajectories(tmp_path):
     trajs = games.load_trajectories(tmp_path / "res.jsonl")
     assert len(trajs) == 3 and all(KNOWLEDGE in t.turns[0].prompt for t in trajs)
     assert res["budget"] == oel.OELConfig.knowledge_budget  # no run folder around the context: the default
+
+
+def test_eval_cli_plays_the_asked_set_with_every_context(tmp_path):
+    """--split and --options choose the games played; every text of a pool.json is used, each on its share of the
+    games; a context inside a run folder takes that run's knowledge budget."""
+    (tmp_path / "r0").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps({"knowledge_budget": 300}))
+    texts = ["- EXPERIENCE ITEM: first text", "- EXPERIENCE ITEM: second text"]
+    (tmp_path / "r0" / "pool.json").write_text(json.dumps(texts))
+    out = tmp_path / "res.json"
+    evaluation.main(["--model", "tiny", "--game", "sokoban", "--split", "ood", "--n", "4", "--options", '{"size": 7}',
+                     "--mode", "knowledge", "--context", str(tmp_path / "r0" / "pool.json"), "--max_turns", "1",
+                     "--max_new_tokens", "2", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["budget"] == 300 and res["split"] == "ood"
+    trajs = games.load_trajectories(tmp_path / "res.jsonl")
+    envs = {e.seed: e for e in games.make_games("sokoban", "ood", 4, size=7)}
+    assert sorted(t.seed for t in trajs) == sorted(envs)
+    for t in trajs:
+        assert t.turns[0].state == f"Observation 1:\n{games.first_observation(envs[t.seed])}"
+    assert [sum(text in t.turns[0].prompt for t in trajs) for text in texts] == [2, 2]
 
 
 def test_eval_defaults_follow_the_run(tmp_path):
@@ -589,3 +621,124 @@ def test_mixed_precision_kl_is_zero_without_knowledge_on_cuda():
     prompts = states("sokoban", "train", 2, 0)
     loss, n = oel.distill_loss(student, teacher, tok, oel.sample_batch(student, tok, prompts, [""], cfg, 0, 0), cfg)
     assert n > 0 and abs(loss.item()) / n < 1e-12  # distill_loss returns the KL summed over the n tokens
+
+
+def test_rounds_chain_their_checkpoints(tmp_path, monkeypatch):
+    """Round r trains from round r-1's model (round 0 from --model), and each round's evaluation loads that round's
+    model, not the base one."""
+    trained, loaded = [], []
+    real_load = modeling.load
+
+    def fake_round(cfg, r, rdir, ckpt, device):
+        trained.append((r, ckpt))
+        modeling.save(*real_load("tiny"), os.path.join(rdir, "model"))
+
+    def spy_load(path, *a, **kw):
+        loaded.append(str(path))
+        return real_load(path, *a, **kw)
+
+    monkeypatch.setattr(oel, "train_round", fake_round)
+    monkeypatch.setattr(oel.modeling, "load", spy_load)
+    monkeypatch.setattr(oel, "evaluate", lambda m, tok, cfg, out_dir: {"test": {"pass_rate": 0.0}})
+    oel.run(oel.OELConfig(model="tiny", out_dir=str(tmp_path), rounds=2))
+    assert trained == [(0, "tiny"), (1, str(tmp_path / "r0" / "model"))]
+    assert loaded == ["tiny", str(tmp_path / "r0" / "model"), str(tmp_path / "r1" / "model")]
+
+
+def test_train_round_plays_fresh_held_out_games_from_its_checkpoint(tmp_path, monkeypatch):
+    """A round loads every model it uses from its own checkpoint (the extractor from --extractor), deploys on the
+    round's own seeds with the test levels held out, and consolidates the student loaded from that checkpoint."""
+    modeling.save(*modeling.load("tiny"), tmp_path / "ck")
+    modeling.save(*modeling.load("tiny"), tmp_path / "ex")
+    loaded, plays = [], []
+    real_load, real_play = modeling.load, oel.play
+    monkeypatch.setattr(oel.modeling, "load", lambda path, *a, **kw: loaded.append(str(path)) or real_load(path, *a, **kw))
+    monkeypatch.setattr(oel, "play", lambda *a, **kw: plays.append((a[5], kw["exclude"])) or real_play(*a, **kw))
+    cfg = oel.OELConfig(model="tiny", game="sokoban", n_train=2, n_test=8, K=1, n=1, steps=1, batch_size=1,
+                        micro_batch=1, max_new_tokens=3, extract_max_new_tokens=3, max_turns=1, seed=2,
+                        extractor=str(tmp_path / "ex"))
+    (tmp_path / "r1").mkdir()
+    oel.train_round(cfg, 1, str(tmp_path / "r1"), str(tmp_path / "ck"), "cpu")
+    assert loaded == [str(tmp_path / "ck"), str(tmp_path / "ex"), str(tmp_path / "ck")]
+    assert plays == [(2 * 1000 + 1, oel.test_boards(cfg))] and len(plays[0][1]) > 4
+    seeds = {t.seed for t in games.load_trajectories(tmp_path / "r1" / "deploy.jsonl")}
+    assert not seeds & {e.seed for e in games.make_games("sokoban", "train", 2, seed=2 * 1000)}  # round 0's
+
+
+def test_play_spreads_contexts_and_evaluate_samples_as_the_paper(monkeypatch, tmp_path):
+    """play() gives each context its share of the n games (not n games each); evaluation samples at 0.7 / top-p 0.8 /
+    top-k 20 while the student's consolidation samples come from the full distribution at the loss's temperature."""
+    calls = []
+
+    def fake_rollout(m, tok, envs, rcfg, knowledge=None, seed=0):
+        calls.append((len(envs), knowledge, rcfg))
+        return [games.Trajectory(game=e.name, seed=e.seed) for e in envs]
+
+    monkeypatch.setattr(oel.games, "rollout", fake_rollout)
+    trajs = oel.play(None, None, "frozenlake", "test", 6, 0, games.RolloutConfig(), contexts=("a", "b"))
+    assert len(trajs) == 6 and sorted((n, k) for n, k, _ in calls) == [(3, "a"), (3, "b")]
+    calls.clear()
+    oel.evaluate(None, None, oel.OELConfig(n_test=2, n_ood=0), str(tmp_path))
+    assert [(c.temperature, c.top_p, c.top_k) for *_, c in calls] == [(0.7, 0.8, 20)]
+    seen = []
+    monkeypatch.setattr(oel.modeling, "generate", lambda m, tok, ids, **kw: seen.append(kw) or
+                        [modeling.Completion([1], "", [0.0], True) for _ in ids])
+    cfg = oel.OELConfig(batch_size=2, kl_temperature=0.6)
+    oel.sample_batch(modeling.load("tiny")[0], modeling.load("tiny")[1], [("frozenlake", "s")], ["k"], cfg, 0, 0)
+    assert [(kw["temperature"], kw["top_p"], kw["top_k"]) for kw in seen] == [(0.6, 1.0, 0)]
+
+
+def test_sample_batch_draws_fresh_knowledge_each_step_and_round(tiny, monkeypatch):
+    """Knowledge draws and sampling seeds change from step to step and round to round (a seed that ignored either
+    would repeat them); accumulation orders and extraction seeds change from round to round."""
+    seeds = []
+    monkeypatch.setattr(oel.modeling, "generate", lambda m, tok, ids, **kw: seeds.append(kw["seed"]) or
+                        [modeling.Completion([1], "", [0.0], True) for _ in ids])
+    prompts, pool = [("frozenlake", f"state {i}") for i in range(16)], [f"knowledge {i}" for i in range(40)]
+    cfg = oel.OELConfig(batch_size=16)
+    picks = [[b[2] for b in oel.sample_batch(tiny[0], tiny[1], prompts, pool, cfg, step, r)]
+             for step, r in ((0, 0), (1, 0), (0, 1))]
+    assert picks[0] != picks[1] and picks[0] != picks[2] and len(set(seeds)) == 3
+    assert oel.accumulation_orders(replace(cfg, K=2, n=8), 0, 16) != oel.accumulation_orders(replace(cfg, K=2, n=8), 1, 16)
+
+
+def test_consolidation_weights_tokens_not_micro_batches_and_clips():
+    """The gradient of a step averages over its tokens, so micro_batch (which may change on resume) does not change
+    it; a tiny grad_clip shrinks the update (AdamW divides by the gradient's size: only clipping far below its
+    epsilon shows in the weights)."""
+    prompts = states("sokoban", "train", 4, 0)
+    cfg = oel.OELConfig(max_new_tokens=8, batch_size=4, steps=1, lr=1e-2, grad_ckpt=False)
+    base = modeling.load("tiny")[0].state_dict()
+    norms, moved = [], []
+    for micro, clip in ((4, 1.0), (1, 1.0), (4, 1e-12)):
+        student, tok = modeling.load("tiny")
+        logs = oel.consolidate(student, oel.frozen_copy(student, torch.float32), tok, prompts, [KNOWLEDGE],
+                               replace(cfg, micro_batch=micro, grad_clip=clip))
+        norms.append(logs[0]["grad_norm"])
+        moved.append(sum((v - base[k]).abs().sum() for k, v in student.state_dict().items()))
+    assert norms[0] > 0 and abs(norms[1] / norms[0] - 1) < 1e-4  # the same gradient, micro-batched or not
+    assert moved[0] > 0 and moved[2] < 0.1 * moved[0]
+
+
+def test_topk_kl_is_the_students_top_k(tiny):
+    """With k below the vocabulary, the approximation sums p_s (log p_s - log p_t) over the student's k most likely
+    tokens (not the teacher's), both at the given temperature."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 50, generator=g, dtype=torch.float64) * 3, torch.randn(4, 50, generator=g, dtype=torch.float64) * 3
+    logp, logq = torch.log_softmax(s / 0.7, -1), torch.log_softmax(t / 0.7, -1)
+    top = logp.topk(5, -1).indices
+    ref = (logp.exp() * (logp - logq)).gather(-1, top).sum(-1).mean()
+    assert torch.allclose(oel.topk_kl(s, t, 0.7, 5).double(), ref, rtol=1e-5)
+
+
+def test_extraction_keeps_a_repeated_lesson_once_and_exact_budgets_fit(tiny, tmp_path, monkeypatch):
+    """A lesson the extractor repeats is kept once; an item or a trajectory exactly as long as the budget fits."""
+    _, tok = tiny
+    same = modeling.Completion([], f"{oel.MARKER} walk around the holes", [], True)
+    monkeypatch.setattr(oel.modeling, "generate", lambda m, tok, prompts, **kw: [same for _ in prompts])
+    pool = oel.extract_pool(None, tok, [fake_trajectory(i) for i in range(3)], oel.OELConfig(K=1, n=3), str(tmp_path), 0)
+    assert pool == [f"{oel.MARKER} walk around the holes"]
+    item = f"{oel.MARKER} walk around the holes"
+    assert oel.trim_knowledge([item], tok, len(tok.encode(item))) == [item]
+    one = oel.raw_context([fake_trajectory(0)], tok, 10**6)
+    assert oel.raw_context([fake_trajectory(0)], tok, len(tok.encode(one))) == one
