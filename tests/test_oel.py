@@ -399,6 +399,9 @@ def test_extract_pool_accumulates_saves_versions_and_resumes(tiny, tmp_path, mon
         assert len(pool[k].splitlines()) < len(every)  # the budget dropped the oldest
         assert (tmp_path / "knowledge" / f"r0_k{k}_1.md").read_text().splitlines() == every[:2]
     assert len(set(step_seeds)) == 4 and not any("Experience gathered so far" in x for p in texts for x in p)
+    r0_seeds = list(step_seeds)
+    oel.extract_pool(None, tok, trajs, cfg, str(tmp_path / "r1"), r=1)
+    assert not set(step_seeds[4:]) & set(r0_seeds)  # another round samples its extractions afresh
     calls.clear()
     assert oel.extract_pool(None, tok, trajs, cfg, str(tmp_path), r=0) == pool and calls == []
     texts.clear()  # shown: each accumulation sees its own knowledge so far, and only that
@@ -435,6 +438,9 @@ def test_raw_context_pool_replaces_extraction(tmp_path):
     _, tok = modeling.load("tiny")
     pool = json.loads((tmp_path / "r0" / "pool.json").read_text())
     assert len(pool) == 2 and all(p.startswith("## Episode (frozenlake)") and len(tok.encode(p)) <= 3000 for p in pool)
+    trajs = games.load_trajectories(tmp_path / "r0" / "deploy.jsonl")  # each context reads its own shuffle
+    orders = oel.accumulation_orders(cfg, 0, len(trajs))
+    assert pool == [oel.raw_context([trajs[i] for i in o], tok, 3000) for o in orders] and orders[0] != orders[1]
     assert not (tmp_path / "r0" / "knowledge").exists() and (tmp_path / "r0" / "model" / "config.json").exists()
     for path in ("r0/deploy.jsonl", "base/eval_test.jsonl"):  # the game settings reach deploy and evaluation
         board = games.load_trajectories(tmp_path / path)[0].turns[0].state
