@@ -11,7 +11,6 @@ the numbers are worst-case costs, not results.
 import argparse
 import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import games  # noqa: E402
 import model as M  # noqa: E402
 import oel  # noqa: E402
-from bench.generate import QWEN3_1_7B  # noqa: E402
+from bench.generate import QWEN3_1_7B, random_model, timed  # noqa: E402
 
 SHAPES = {"1.7b": QWEN3_1_7B,
           "4b": replace(QWEN3_1_7B, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
@@ -44,13 +43,7 @@ def main():
     if args.tiny:
         cfg, args.batch, args.micro, args.new, args.know = replace(M.TINY, vocab_size=1024), 4, 2, 8, 64
     _, tok = M.load("tiny")
-    torch.manual_seed(0)
-    with torch.device(device):
-        student = M.Transformer(cfg)
-    with torch.no_grad():
-        for w in student.parameters():
-            if w.dim() == 2:
-                w.normal_(0, 0.02)
+    student = random_model(cfg, device)  # float32: the trainable weights
     teacher = oel.frozen_copy(student, oel.infer_dtype(device))
     prompts = [("frozenlake", f"Observation 1:\n{env.reset(env.seed)}")
                for env in games.make_games("frozenlake", "train", 64, seed=0)]
@@ -63,14 +56,9 @@ def main():
     real_sample = oel.sample_batch
 
     def timed_sample(*a, **kw):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = real_sample(*a, **kw)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        sampling.append(time.perf_counter() - t0)
-        return out
+        out = []
+        sampling.append(timed(lambda: out.append(real_sample(*a, **kw))))
+        return out[0]
 
     oel.sample_batch = timed_sample
     if device == "cuda":

@@ -34,6 +34,18 @@ class NoStop:
         return ""
 
 
+def random_model(cfg, device, dtype=torch.float32):
+    """A Transformer of shape cfg on device with random weights: matrices N(0, 0.02), norms 1."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = M.Transformer(cfg).to(dtype)
+    with torch.no_grad():
+        for w in model.parameters():
+            if w.dim() == 2:
+                w.normal_(0, 0.02)
+    return model
+
+
 def timed(fn):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -112,13 +124,7 @@ def main():
     if args.tiny:
         cfg, dtype, args.batch, args.prompt, args.new = replace(M.TINY, vocab_size=1024), torch.float32, [1, 4], 32, 16
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        ours = M.Transformer(cfg).to(dtype).eval()
-    with torch.no_grad():
-        for w in ours.parameters():
-            if w.dim() == 2:
-                w.normal_(0, 0.02)
+    ours = random_model(cfg, device, dtype).eval()
     if args.profile:
         return profile_step(ours, dtype, device)
     def ours_run(idx, n, compiled=True, model=ours):  # compiled=False: the same CUDA graph around the eager step

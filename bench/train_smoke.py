@@ -23,19 +23,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model as M  # noqa: E402
 import train  # noqa: E402
-from bench.generate import QWEN3_1_7B  # noqa: E402
+from bench.generate import QWEN3_1_7B, random_model  # noqa: E402
 
 
 def random_checkpoint(cfg, path):
     """A random-weight checkpoint of shape cfg with the tiny tokenizer, in Hub layout."""
     _, tok = M.load("tiny")
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 2B-parameter init is slow on a CPU
-        model = M.Transformer(cfg)
-    with torch.no_grad():
-        for w in model.parameters():
-            if w.dim() == 2:
-                w.normal_(0, 0.02)
+    model = random_model(cfg, "cuda" if torch.cuda.is_available() else "cpu")  # a 2B-parameter init is slow on a CPU
     M.save(model.to(torch.bfloat16), tok, path)
 
 
