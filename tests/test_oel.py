@@ -629,22 +629,24 @@ def test_mixed_precision_kl_is_zero_without_knowledge_on_cuda():
     assert n > 0 and abs(loss.item()) / n < 1e-12  # distill_loss returns the KL summed over the n tokens
 
 
+def record_loads(monkeypatch):
+    """Wrap modeling.load so a test sees which checkpoints were loaded, in order."""
+    loaded, real = [], modeling.load
+    monkeypatch.setattr(oel.modeling, "load", lambda path, *a, **kw: loaded.append(str(path)) or real(path, *a, **kw))
+    return loaded
+
+
 def test_rounds_chain_their_checkpoints(tmp_path, monkeypatch):
     """Round r trains from round r-1's model (round 0 from --model), and each round's evaluation loads that round's
     model, not the base one."""
-    trained, loaded = [], []
-    real_load = modeling.load
+    trained, tiny_model = [], modeling.load("tiny")
 
     def fake_round(cfg, r, rdir, ckpt, device):
         trained.append((r, ckpt))
-        modeling.save(*real_load("tiny"), os.path.join(rdir, "model"))
-
-    def spy_load(path, *a, **kw):
-        loaded.append(str(path))
-        return real_load(path, *a, **kw)
+        modeling.save(*tiny_model, os.path.join(rdir, "model"))
 
     monkeypatch.setattr(oel, "train_round", fake_round)
-    monkeypatch.setattr(oel.modeling, "load", spy_load)
+    loaded = record_loads(monkeypatch)
     monkeypatch.setattr(oel, "evaluate", lambda m, tok, cfg, out_dir: {"test": {"pass_rate": 0.0}})
     oel.run(oel.OELConfig(model="tiny", out_dir=str(tmp_path), rounds=2))
     assert trained == [(0, "tiny"), (1, str(tmp_path / "r0" / "model"))]
@@ -656,9 +658,8 @@ def test_train_round_plays_fresh_held_out_games_from_its_checkpoint(tmp_path, mo
     round's own seeds with the test levels held out, and consolidates the student loaded from that checkpoint."""
     modeling.save(*modeling.load("tiny"), tmp_path / "ck")
     modeling.save(*modeling.load("tiny"), tmp_path / "ex")
-    loaded, plays = [], []
-    real_load, real_play = modeling.load, oel.play
-    monkeypatch.setattr(oel.modeling, "load", lambda path, *a, **kw: loaded.append(str(path)) or real_load(path, *a, **kw))
+    plays, real_play = [], oel.play
+    loaded = record_loads(monkeypatch)
     monkeypatch.setattr(oel, "play", lambda *a, **kw: plays.append((a[5], kw["exclude"])) or real_play(*a, **kw))
     cfg = oel.OELConfig(model="tiny", game="sokoban", n_train=2, n_test=8, K=1, n=1, steps=1, batch_size=1,
                         micro_batch=1, max_new_tokens=3, extract_max_new_tokens=3, max_turns=1, seed=2,
