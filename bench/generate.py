@@ -6,6 +6,7 @@ model of Qwen3-1.7B's exact shape in bf16: greedy, fixed-length prompts, no earl
     python bench/generate.py --tiny             # CPU smoke run at a tiny shape
     python bench/generate.py --profile          # the kernels of one batch-1 decode step
     python bench/generate.py --no-hf --fuse     # experiment: also time concatenated q/k/v and gate/up weights
+    python bench/generate.py --no-hf --cdt      # experiment: also time the step compiled with coordinate descent tuning
 
 prefill = time of a 1-token generate call; decode tok/s = B * (N - 1) / (time(N tokens) - prefill).
 Targets on one H100: >= 500 tok/s at B=1 and >= 7,600 tok/s at B=64.
@@ -56,19 +57,19 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
-def profile_step(model, dtype, device, S=768, reps=10):
-    """What one batch-1 decode step runs (the compiled step, outside its CUDA graph): the number of kernels, their
+def profile_step(model, dtype, device, step_fn, S=768, reps=10):
+    """What one batch-1 decode step runs (the compiled step_fn, outside its CUDA graph): the number of kernels, their
     summed time, and the ones that take longest. Compare the sum with the measured step time: the gap is launches."""
     cuda = device == "cuda"
     cache = M.KVCache(model.config, torch.zeros(1, dtype=torch.long, device=device), S, dtype)
     tok, col = torch.zeros(1, dtype=torch.long, device=device), torch.tensor([S // 2], device=device)
     with torch.no_grad():
         for _ in range(3):
-            M.decode_logits_compiled(model, cache, tok, col)
+            step_fn(model, cache, tok, col)
         acts = [torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU]
         with torch.profiler.profile(activities=acts) as prof:
             for _ in range(reps):
-                M.decode_logits_compiled(model, cache, tok, col)
+                step_fn(model, cache, tok, col)
             if cuda:
                 torch.cuda.synchronize()
     kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
@@ -118,6 +119,8 @@ def main():
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     p.add_argument("--profile", action="store_true", help="only profile one batch-1 decode step")
     p.add_argument("--fuse", action="store_true", help="also time ours with concatenated q/k/v and gate/up weights")
+    p.add_argument("--cdt", action="store_true", help="also time (or --profile) ours compiled with inductor's "
+                   "coordinate descent tuning, which turns batch-1 matmuls into tuned Triton reductions")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg, dtype = QWEN3_1_7B, torch.bfloat16
@@ -125,24 +128,34 @@ def main():
         cfg, dtype, args.batch, args.prompt, args.new = replace(M.TINY, vocab_size=1024), torch.float32, [1, 4], 32, 16
 
     ours = random_model(cfg, device, dtype).eval()
+    cdt = torch.compile(M.decode_logits, fullgraph=True, dynamic=True, options={"coordinate_descent_tuning": True})
     if args.profile:
-        return profile_step(ours, dtype, device)
-    def ours_run(idx, n, compiled=True, model=ours):  # compiled=False: the same CUDA graph around the eager step
+        return profile_step(ours, dtype, device, cdt if args.cdt else M.decode_logits_compiled)
+
+    def ours_run(idx, n, step_fn=M.decode_logits_compiled, model=ours):  # step_fn replaces the compiled step
         saved = M.decode_logits_compiled
-        M.decode_logits_compiled = saved if compiled else M.decode_logits
+        M.decode_logits_compiled = step_fn
         try:
             return M.generate(model, NoStop(), idx.tolist(), max_new_tokens=n, temperature=0)
         finally:
             M.decode_logits_compiled = saved
-    systems = {"ours": ours_run, "ours eager": lambda idx, n: ours_run(idx, n, compiled=False)}
+
+    def same_tokens(a, b, step_a=M.decode_logits_compiled, step_b=M.decode_logits_compiled):
+        idx = torch.randint(0, cfg.vocab_size, (2, 16), device=device)
+        with torch.no_grad():
+            same = [c.tokens for c in ours_run(idx, 8, step_a, a)] == [c.tokens for c in ours_run(idx, 8, step_b, b)]
+        return "equal" if same else "DIFFER (bf16 rounding?)"
+
+    systems = {"ours": ours_run, "ours eager": lambda idx, n: ours_run(idx, n, M.decode_logits)}
     if args.fuse:
         fused = fuse_projections(ours)
-        check = torch.randint(0, cfg.vocab_size, (2, 16), device=device)
-        with torch.no_grad():
-            same = [c.tokens for c in M.generate(fused, NoStop(), check.tolist(), max_new_tokens=8, temperature=0)] \
-                == [c.tokens for c in M.generate(ours, NoStop(), check.tolist(), max_new_tokens=8, temperature=0)]
-        print(f"fused projections: greedy tokens {'equal' if same else 'DIFFER (bf16 rounding?)'}")
+        print(f"fused projections: greedy tokens {same_tokens(fused, ours)}")
         systems["ours fused"] = lambda idx, n: ours_run(idx, n, model=fused)
+    if args.cdt:
+        print(f"coordinate descent tuning: greedy tokens {same_tokens(ours, ours, cdt)}")
+        systems["ours cdt"] = lambda idx, n: ours_run(idx, n, cdt)
+    if args.fuse and args.cdt:
+        systems["fused+cdt"] = lambda idx, n: ours_run(idx, n, cdt, fused)
     if not args.no_hf:
         import transformers
         hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())

@@ -17,11 +17,11 @@ for step in ${@:-cuda generate kl}; do
     case $step in
         cuda) timeout 120 python3 -m pytest -q tests/test_model.py -k cuda ;;
         tests) timeout 540 python3 -m pytest -q -x tests/test_model.py tests/test_kernels.py tests/test_oel.py ;;
-        generate) timeout 330 python3 bench/generate.py --no-hf --fuse ;;
+        generate) timeout 450 python3 bench/generate.py --no-hf --fuse --cdt ;;
         hf) timeout 420 python3 bench/generate.py --new 64 ;;
         kl) timeout 180 python3 bench/kl.py ;;
         smoke) timeout 540 python3 bench/train_smoke.py ;;
-        profile) timeout 240 python3 bench/generate.py --profile ;;
+        profile) timeout 120 python3 bench/generate.py --profile; timeout 240 python3 bench/generate.py --profile --cdt ;;
         sweep) timeout 300 python3 bench/kl_sweep.py ;;
         consolidate) timeout 300 python3 bench/consolidate.py ;;
         consolidate4b) timeout 400 python3 bench/consolidate.py --shape 4b --offload --steps 1 ;;
