@@ -123,7 +123,7 @@ def plot(run_dir):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on a game set, or plot a run folder.")
     p.add_argument("--model", help="checkpoint dir, Hub id, or 'tiny'")
-    p.add_argument("--game", default="frozenlake", choices=games.GAMES)
+    p.add_argument("--game", default="frozenlake", choices=list(games.ENVS))
     p.add_argument("--split", default="test", choices=games.SPLITS)
     p.add_argument("--n", type=int, default=128, help="number of games")
     p.add_argument("--options", default="", help="JSON settings of the game, e.g. '{\"size\": 4, \"holes\": 3}'")

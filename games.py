@@ -34,7 +34,6 @@ from typing import ClassVar
 
 from tqdm import tqdm
 
-GAMES = ("frozenlake", "sokoban", "textworld")
 SPLITS = ("train", "test", "ood")  # disjoint level seeds: seed % 3 is the split's index
 MAX_GAMES = 10_000  # games per (split, seed) set; keeps the level seeds of different sets disjoint
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
@@ -397,7 +396,7 @@ def make_games(game: str, split: str, n: int, seed: int = 0, exclude=(), **optio
     TextWorld kind/level). Each game's level seed is `game.seed`. exclude: first observations of levels to
     leave out (e.g. the test set's); a level that shows one is replaced by the set's next level seed."""
     if game not in ENVS:
-        raise ValueError(f"unknown game {game!r}; choose from {', '.join(GAMES)}")
+        raise ValueError(f"unknown game {game!r}; choose from {', '.join(ENVS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     if not 0 <= n <= MAX_GAMES or seed < 0:
@@ -431,7 +430,7 @@ INSTRUCTIONS = {
 def user_prompt(game: str, state: str, knowledge: str | None = None) -> str:
     """The single user message of a turn: instruction, optional knowledge, observation history."""
     if game not in ENVS:
-        raise ValueError(f"unknown game {game!r}; choose from {', '.join(GAMES)}")
+        raise ValueError(f"unknown game {game!r}; choose from {', '.join(ENVS)}")
     parts = [INSTRUCTIONS["textworld" if game == "textworld" else "grid"]]
     if knowledge:
         parts.append(f"{KNOWLEDGE_HEADING}\n{knowledge.strip()}")
@@ -455,7 +454,7 @@ def parse_action(response: str, valid=None) -> str | None:
 class RolloutConfig:
     max_turns: int = 5  # turns per episode (paper: 5)
     max_new_tokens: int = 1024  # tokens per turn (paper: 1024)
-    temperature: float = 0.7  # sampling: Qwen3's recommended non-thinking settings
+    temperature: float = 0.7  # sampling: the paper's evaluation settings (Qwen3's recommended non-thinking ones)
     top_p: float = 0.8
     top_k: int = 20  # 0 = off
     thinking: bool | None = False  # chat mode: True thinking, False non-thinking, None instruct (never thinks)
@@ -495,8 +494,7 @@ def rollout(model, tokenizer, envs: list, cfg: RolloutConfig, knowledge: str | N
         if not active:
             break
         prompts = [user_prompt(envs[i].name, states[i], knowledge) for i in active]
-        chats = [tokenizer.chat([{"role": "user", "content": p}], thinking=cfg.thinking) for p in prompts]
-        ids = [tokenizer.encode(c) for c in chats]
+        ids = [tokenizer.user_ids(p, cfg.thinking) for p in prompts]
         outs = generate(model, tokenizer, ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                         top_p=cfg.top_p, top_k=cfg.top_k, seed=seed * 1000 + t)
         still = []

@@ -253,7 +253,7 @@ class Transformer(nn.Module):
         if cache is None:
             pos, mask = torch.arange(T, device=idx.device)[None], None  # [1,T]
         else:
-            pos, mask = cols[None] - cache.pad[:, None], cache.mask(cols)  # [B,T], [B,1,T,S]
+            pos, mask = cols[None] - cache.pad[:, None], cache.mask(cols)  # [B,T], [B,1,T,N]
         x = self.model.embed_tokens(idx)  # [B,T,C]
         if torch.is_autocast_enabled(x.device.type):  # mixed precision: the residual stream too is in the autocast
             x = x.to(torch.get_autocast_dtype(x.device.type))  # dtype, as in a low-precision copy of these weights
@@ -417,6 +417,10 @@ class Tokenizer:
         if add_generation_prompt:
             s += f"{IM_START}assistant\n" + (f"{THINK}\n\n{END_THINK}\n\n" if thinking is False else "")
         return s
+
+    def user_ids(self, content: str, thinking: bool | None) -> list[int]:
+        """Token ids of a one-user-message chat, ready for the assistant's reply (every prompt the method builds)."""
+        return self.encode(self.chat([{"role": "user", "content": content}], thinking=thinking))
 
 
 def strip_thinking(text: str) -> str:

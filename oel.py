@@ -176,9 +176,10 @@ def extraction_prompt(traj, knowledge, show_knowledge):
     )
 
 
-def user_ids(tok, content, thinking):
-    """Token ids of a one-user-message chat, ready for the assistant's reply."""
-    return tok.encode(tok.chat([{"role": "user", "content": content}], thinking=thinking))
+def seed_of(*parts) -> int:
+    """A 40-bit seed named by its parts, e.g. seed_of(run seed, round, "extract", step): different names never share
+    one, as sums or products of seeds can (or overflow torch's 64-bit seeds)."""
+    return int(hashlib.sha1("/".join(map(str, parts)).encode()).hexdigest()[:10], 16)
 
 
 def parse_items(text, limit=2):
@@ -202,7 +203,7 @@ def trim_knowledge(items, tok, budget):
 
 def accumulation_orders(cfg, r, n_trajs):
     """For each of the K accumulations, the indices of the n trajectories it reads, in order (seeded by k)."""
-    return [random.Random(cfg.seed * 1000 + 100 * r + k).sample(range(n_trajs), min(cfg.n, n_trajs)) for k in range(cfg.K)]
+    return [random.Random(seed_of(cfg.seed, r, "accumulation", k)).sample(range(n_trajs), min(cfg.n, n_trajs)) for k in range(cfg.K)]
 
 
 def raw_context(trajs, tok, budget):
@@ -235,9 +236,10 @@ def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
         prompts = []
         for k in range(cfg.K):
             msg = extraction_prompt(trajs[orders[k][i - 1]], "\n".join(items[k]), cfg.show_knowledge)
-            prompts.append(user_ids(tok, msg, cfg.thinking))
+            prompts.append(tok.user_ids(msg, cfg.thinking))
         outs = modeling.generate(extractor, tok, prompts, max_new_tokens=cfg.extract_max_new_tokens,
-                                 temperature=0.7, top_p=0.8, top_k=20, seed=cfg.seed * 1000 + 100 * r + i)
+                                 temperature=0.7, top_p=0.8, top_k=20,  # as RolloutConfig samples
+                                 seed=seed_of(cfg.seed, r, "extract", i))
         cut = sum(not o.stopped and modeling.THINK in o.text and modeling.END_THINK not in o.text for o in outs)
         if cut:  # strip_thinking leaves nothing of these: no lessons
             tqdm.write(f"round {r} | warning: {cut} of {len(outs)} extraction responses ran out of tokens inside "
@@ -282,7 +284,7 @@ def distill_loss(student, teacher, tok, batch, cfg):
     sees the state alone, the teacher the state with the knowledge; both score the same response tokens.
     """
     s_prompts = [p for *_, p, _ in batch]
-    t_prompts = [user_ids(tok, games.user_prompt(g, s, k), cfg.thinking) for g, s, k, _, _ in batch]
+    t_prompts = [tok.user_ids(games.user_prompt(g, s, k), cfg.thinking) for g, s, k, _, _ in batch]
     resp = [r for *_, r in batch]
     n_tok = sum(len(r) for r in resp)
     if n_tok == 0:
@@ -312,11 +314,11 @@ def sample_batch(student, tok, prompts, pool, cfg, step, r):
     """The step's `batch_size` (game, state) prompts, each with a knowledge text drawn from the pool, and the
     student's responses. A round's steps walk through one shuffle of all its prompts (cycling when they run out),
     so each is used about once, as the paper's code uses every deploy turn once."""
-    order = random.Random(f"{cfg.seed}/{r}/order").sample(range(len(prompts)), len(prompts))  # the round's shuffle
+    order = random.Random(seed_of(cfg.seed, r, "prompts")).sample(range(len(prompts)), len(prompts))  # the round's shuffle
     picks = [prompts[order[(step * cfg.batch_size + i) % len(prompts)]] for i in range(cfg.batch_size)]
-    rng = random.Random(cfg.seed * 10**6 + r * 10**4 + step)
+    rng = random.Random(seed_of(cfg.seed, r, "step", step))
     know = [pool[rng.randrange(len(pool))] for _ in picks]
-    ids = [user_ids(tok, games.user_prompt(g, s), cfg.thinking) for g, s in picks]
+    ids = [tok.user_ids(games.user_prompt(g, s), cfg.thinking) for g, s in picks]
     sampler = frozen_copy(student, infer_dtype(student.output_weight.device))  # the current weights, for fast sampling
     seed, outs = rng.randrange(2**31), []
     for i in range(0, len(ids), cfg.rollout_batch):  # at most rollout_batch sequences in the KV cache
@@ -343,7 +345,7 @@ class OffloadedAdamW:
             for p, m in zip(self.params, self.master):
                 p.copy_(m)
 
-    def zero_grad(self, set_to_none=True):
+    def zero_grad(self):
         for p in self.params:
             p.grad = None
 
@@ -389,7 +391,7 @@ def consolidate(student, teacher, tok, prompts, pool, cfg, state_path=None, r=0)
                 loss_sum += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         kl = float(loss_sum / max(n_total, 1))
         logs.append({"step": step + 1, "kl": kl, "grad_norm": float(norm), "tokens": n_total, "ms": 1000 * (time.time() - t0)})
         tqdm.write(f"round {r} | step {step + 1:03d}/{cfg.steps} | kl {kl:.4f} | grad {float(norm):.3f} "
@@ -423,21 +425,19 @@ def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, option
         print(f"{path} on disk, reused")
         return games.load_trajectories(path)
     envs = games.make_games(game, split, n, seed=seed, exclude=exclude, **(options or {}))
-    trajs, parts = [], []
+    trajs, parts = [], [f"{path}.part{b}" for b in range(-(-n // batch))] if path else []
     for i in range(0, n, batch):
-        parts.append(f"{path}.part{len(parts)}")
-        if path and os.path.exists(parts[-1]):
-            trajs += games.load_trajectories(parts[-1])
+        part = parts[i // batch] if path else None
+        if part and os.path.exists(part):
+            trajs += games.load_trajectories(part)
             continue
         done = []
         for j, ctx in enumerate(contexts):
             group = envs[i : i + batch][j :: len(contexts)]
             if group:
-                noise = int(hashlib.sha1(f"{split}/{seed}/{i}/{j}".encode()).hexdigest()[:10], 16)  # 40 bits: no
-                # two sets, batches or contexts share one (a product of the seeds overflowed torch's 64-bit seeds)
-                done += games.rollout(m, tok, group, rcfg, knowledge=ctx or None, seed=noise)
-        if path:
-            games.save_trajectories(parts[-1], done)
+                done += games.rollout(m, tok, group, rcfg, knowledge=ctx or None, seed=seed_of(split, seed, i, j))
+        if part:
+            games.save_trajectories(part, done)
         trajs += done
     if path:
         games.save_trajectories(path, trajs)
@@ -446,14 +446,14 @@ def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, option
     return trajs
 
 
-def evaluate(m, tok, cfg, out_dir, tag="eval"):
+def evaluate(m, tok, cfg, out_dir):
     """Test and out-of-distribution rollouts (trajectories saved, reused when present) -> {split: metrics}."""
     result = {}
     for split, game, n, opts in (("test", cfg.game, cfg.n_test, game_settings(cfg.game_options)),
                                  ("ood", cfg.ood_game, cfg.n_ood, None)):
         if n == 0:
             continue
-        path = os.path.join(out_dir, f"{tag}_{split}.jsonl")
+        path = os.path.join(out_dir, f"eval_{split}.jsonl")
         trajs = play(m, tok, game, split, n, cfg.seed, rollout_cfg(cfg), batch=cfg.rollout_batch, options=opts, path=path)
         result[split] = games.metrics(trajs)
     return result

@@ -57,8 +57,7 @@ def parse_args(argv=None):
                                 epilog=f"--model tiny changes these defaults: {json.dumps(TINY)}")
     helps = field_help()
     for f in dataclasses.fields(oel.OELConfig):
-        kind = {bool: parse_bool, "bool": parse_bool, bool | None: parse_bool_or_none,
-                "bool | None": parse_bool_or_none}.get(f.type, type(f.default))
+        kind = {bool: parse_bool, bool | None: parse_bool_or_none}.get(f.type, type(f.default))
         p.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
                        help=f"{helps.get(f.name, '')} (default: {f.default})")
     given = vars(p.parse_args(argv))  # only the flags given (--thinking none included)
@@ -97,8 +96,8 @@ def check_settings(cfg):
     if cfg.context == "raw" and cfg.extractor:
         raise SystemExit("error: --extractor is unused with --context raw (nothing is extracted)")
     for g in (cfg.game, cfg.ood_game):
-        if g not in games.GAMES:
-            raise SystemExit(f"error: unknown game {g!r}; choose from {', '.join(games.GAMES)}")
+        if g not in games.ENVS:
+            raise SystemExit(f"error: unknown game {g!r}; choose from {', '.join(games.ENVS)}")
     try:
         games.make_games(cfg.game, "test", 1, **oel.game_settings(cfg.game_options))
     except (ValueError, TypeError) as e:  # bad JSON, unknown or impossible settings

@@ -233,7 +233,7 @@ def test_rollout_lockstep_scripted(monkeypatch, tmp_path):
                 for e in live]  # the last bracket is not a move: the last valid one counts
 
     monkeypatch.setattr(model, "generate", fake_generate)
-    tok = SimpleNamespace(encode=lambda s: [len(s)], chat=lambda messages, thinking: messages[0]["content"])
+    tok = SimpleNamespace(user_ids=lambda content, thinking: [len(content)])
     trajs = rollout(None, tok, envs, RolloutConfig(), seed=3)
     assert all(t.won for t in trajs) and [t.steps for t in trajs] == [e.optimal for e in envs]
     assert batches[0] == 8 and batches == sorted(batches, reverse=True) and len(batches) == max(e.optimal for e in envs)
@@ -255,7 +255,7 @@ def test_rollout_feedback_names_an_invalid_action(monkeypatch):
 
     env = make_games("frozenlake", "test", 1)[0]
     monkeypatch.setattr(model, "generate", lambda m, tok, prompts, **kw: [SimpleNamespace(text="I [jump]", tokens=[0])])
-    tok = SimpleNamespace(encode=lambda s: [len(s)], chat=lambda messages, thinking: messages[0]["content"])
+    tok = SimpleNamespace(user_ids=lambda content, thinking: [len(content)])
     closed = []
     monkeypatch.setattr(env, "close", lambda: closed.append(True))
     (traj,) = rollout(None, tok, [env], RolloutConfig(max_turns=1), seed=0)

@@ -140,7 +140,7 @@ def test_response_hidden_predicts_the_sampled_tokens(tiny):
     """The hidden states distillation scores are the ones that sampled each response token: their log-probs at
     the sampling temperature equal generate()'s."""
     m, tok = tiny
-    prompts = [oel.user_ids(tok, games.user_prompt(g, s), False) for g, s in states("sokoban", "train", 3, 0)]
+    prompts = [tok.user_ids(games.user_prompt(g, s), False) for g, s in states("sokoban", "train", 3, 0)]
     outs = modeling.generate(m, tok, prompts, max_new_tokens=12, temperature=0.7, seed=3)
     with torch.no_grad():
         h = oel.response_hidden(m, prompts, [o.tokens for o in outs])  # [N,C]
@@ -165,7 +165,7 @@ def test_distill_loss_matches_float64_reference(tiny):
     s64, t64 = oel.frozen_copy(student, torch.float64), oel.frozen_copy(teacher, torch.float64)
     ref = torch.zeros((), dtype=torch.float64)
     for g, s, k, ids, resp in batch:
-        t_ids = oel.user_ids(tok, games.user_prompt(g, s, k), cfg.thinking)
+        t_ids = tok.user_ids(games.user_prompt(g, s, k), cfg.thinking)
         zs = s64(torch.tensor([ids + resp]))[0, len(ids) - 1 : -1] / 0.7  # [len(resp),V]: predicts each response token
         zt = t64(torch.tensor([t_ids + resp]))[0, len(t_ids) - 1 : -1] / 0.7
         ps = zs.log_softmax(-1)
@@ -586,6 +586,8 @@ def test_play_sampling_seeds_differ_between_sets(monkeypatch):
     for split, seed in (("test", 0), ("train", 0), ("train", 10**9)):  # a huge run seed used to overflow
         oel.play(None, None, "sokoban", split, 6, seed, None, contexts=("a", "b"), batch=2)
     assert len(seeds) == len(set(seeds)) == 18 and max(seeds) * 1000 + 1000 < 2**63
+    # named seeds: no collision where arithmetic ones collided (step 100 of round 0 = step 0 of round 1, run seed 1 = round 10)
+    assert len({oel.seed_of(run, r, "extract", i) for run in (0, 1) for r in (0, 1, 10) for i in (0, 100)}) == 12
 
 
 def test_mixed_precision_student_matches_bf16_teacher_exactly(tiny, autocast_policy):
