@@ -30,7 +30,8 @@ import torch
 
 from torch.autograd.function import once_differentiable
 
-from kernels.kl import check_call, check_dtypes, flat_mask, kl_rows_torch, kl_rows_triton, scale_grad, triton
+from kernels.kl import (check_call, check_dtypes, flat_mask, kl_rows_torch, kl_rows_triton, no_grad_detached, scale_grad,
+                        triton)
 
 
 def default_chunk_size(V, dtype, budget=384 * 2**20):
@@ -39,11 +40,6 @@ def default_chunk_size(V, dtype, budget=384 * 2**20):
     H200)."""
     per_token = 2 * V * torch.finfo(dtype).bits // 8
     return 1 << max(0, (budget // per_token).bit_length() - 1)
-
-
-def no_grad_detached(*xs):
-    """Detach when grad mode is off, so forward skips the gradients (needs_input_grad ignores grad mode)."""
-    return xs if torch.is_grad_enabled() else [x.detach() for x in xs]
 
 
 class FusedLinearKL(torch.autograd.Function):

@@ -227,6 +227,11 @@ def scale_grad(ctx, grad_output):
     return grads
 
 
+def no_grad_detached(*xs):
+    """Detach when grad mode is off, so forward skips the gradients (needs_input_grad ignores grad mode)."""
+    return xs if torch.is_grad_enabled() else [x.detach() for x in xs]
+
+
 class KLDiv(torch.autograd.Function):
     """Loss and gradient in forward (via `rows_fn`, Triton or torch); backward scales the saved gradient."""
 
@@ -256,16 +261,14 @@ class KLDiv(torch.autograd.Function):
 
 def kl_div_reference(student_logits, teacher_logits, mask=None, temperature=1.0, reverse=True):
     """The torch path: closed-form loss and gradient in fp32, chunked over tokens; runs anywhere."""
-    if not torch.is_grad_enabled():  # under no_grad skip the gradient (needs_input_grad ignores grad mode)
-        student_logits = student_logits.detach()
+    (student_logits,) = no_grad_detached(student_logits)
     return KLDiv.apply(student_logits, teacher_logits, mask, temperature, reverse, kl_rows_torch)
 
 
 def kl_div_triton(student_logits, teacher_logits, mask=None, temperature=1.0, reverse=True):
     """The Triton path (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
     assert triton is not None, "triton is not installed"
-    if not torch.is_grad_enabled():  # under no_grad skip the gradient pass
-        student_logits = student_logits.detach()
+    (student_logits,) = no_grad_detached(student_logits)
     return KLDiv.apply(student_logits, teacher_logits, mask, temperature, reverse, kl_rows_triton)
 
 
