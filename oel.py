@@ -280,12 +280,12 @@ def response_hidden(m, prompts, responses):
 def distill_loss(student, teacher, tok, batch, cfg):
     """KL(student || teacher) summed over the response tokens of a micro-batch; also returns the token count.
 
-    batch: (game, state, knowledge, student_prompt_ids, response_ids) tuples from sample_batch. The student
-    sees the state alone, the teacher the state with the knowledge; both score the same response tokens.
+    batch: Samples. The student sees the state alone, the teacher the state with the knowledge; both score the
+    same response tokens.
     """
-    s_prompts = [p for *_, p, _ in batch]
-    t_prompts = [tok.user_ids(games.user_prompt(g, s, k), cfg.thinking) for g, s, k, _, _ in batch]
-    resp = [r for *_, r in batch]
+    s_prompts = [b.prompt for b in batch]
+    t_prompts = [tok.user_ids(games.user_prompt(b.game, b.state, b.knowledge), cfg.thinking) for b in batch]
+    resp = [b.response for b in batch]
     n_tok = sum(len(r) for r in resp)
     if n_tok == 0:
         return None, 0
@@ -310,7 +310,17 @@ def infer_dtype(device):
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def sample_batch(student, tok, prompts, pool, cfg, step, r):
+@dataclass
+class Sample:
+    """One distillation example: a game state, the knowledge the teacher sees, and the student's response to it."""
+    game: str
+    state: str
+    knowledge: str
+    prompt: list[int]  # the student's prompt (the state alone)
+    response: list[int]
+
+
+def sample_batch(student, tok, prompts, pool, cfg, step, r) -> list[Sample]:
     """The step's `batch_size` (game, state) prompts, each with a knowledge text drawn from the pool, and the
     student's responses. A round's steps walk through one shuffle of all its prompts (cycling when they run out),
     so each is used about once, as the paper's code uses every deploy turn once."""
@@ -324,7 +334,7 @@ def sample_batch(student, tok, prompts, pool, cfg, step, r):
     for i in range(0, len(ids), cfg.rollout_batch):  # at most rollout_batch sequences in the KV cache
         outs += modeling.generate(sampler, tok, ids[i : i + cfg.rollout_batch], max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.kl_temperature, top_p=1.0, top_k=0, seed=seed + i)
-    return [(g, s, k, p, o.tokens) for (g, s), k, p, o in zip(picks, know, ids, outs)]
+    return [Sample(g, s, k, p, o.tokens) for (g, s), k, p, o in zip(picks, know, ids, outs)]
 
 
 class OffloadedAdamW:
@@ -382,7 +392,7 @@ def consolidate(student, teacher, tok, prompts, pool, cfg, state_path=None, r=0)
     for step in tqdm(range(start, cfg.steps), desc=f"round {r} consolidate", leave=False, initial=start, total=cfg.steps):
         t0 = time.time()
         batch = sample_batch(student, tok, prompts, pool, cfg, step, r)
-        n_total = sum(len(b[-1]) for b in batch)
+        n_total = sum(len(b.response) for b in batch)
         loss_sum = 0.0
         for i in range(0, len(batch), cfg.micro_batch):
             loss, n = distill_loss(student, teacher, tok, batch[i : i + cfg.micro_batch], cfg)

@@ -164,13 +164,13 @@ def test_distill_loss_matches_float64_reference(tiny):
         loss, n = oel.distill_loss(student, teacher, tok, batch, cfg)
     s64, t64 = oel.frozen_copy(student, torch.float64), oel.frozen_copy(teacher, torch.float64)
     ref = torch.zeros((), dtype=torch.float64)
-    for g, s, k, ids, resp in batch:
-        t_ids = tok.user_ids(games.user_prompt(g, s, k), cfg.thinking)
+    for b in batch:
+        ids, resp, t_ids = b.prompt, b.response, tok.user_ids(games.user_prompt(b.game, b.state, b.knowledge), cfg.thinking)
         zs = s64(torch.tensor([ids + resp]))[0, len(ids) - 1 : -1] / 0.7  # [len(resp),V]: predicts each response token
         zt = t64(torch.tensor([t_ids + resp]))[0, len(t_ids) - 1 : -1] / 0.7
         ps = zs.log_softmax(-1)
         ref += (ps.exp() * (ps - zt.log_softmax(-1))).sum()
-    assert n == sum(len(b[-1]) for b in batch) > 0
+    assert n == sum(len(b.response) for b in batch) > 0
     assert torch.allclose(loss.double(), ref, rtol=1e-4), (loss.item(), ref.item())
 
 
@@ -183,7 +183,7 @@ def test_sample_batch_walks_through_the_prompts(tiny, monkeypatch):
                         [modeling.Completion([1], "", [0.0], True) for _ in ids])
     prompts = [("frozenlake", f"state {i}") for i in range(12)]
     cfg = oel.OELConfig(batch_size=4, rollout_batch=3)
-    seen = [s for step in range(3) for _, s, *_ in oel.sample_batch(tiny[0], tiny[1], prompts, ["k"], cfg, step, 0)]
+    seen = [b.state for step in range(3) for b in oel.sample_batch(tiny[0], tiny[1], prompts, ["k"], cfg, step, 0)]
     assert sorted(seen) == sorted(s for _, s in prompts) and seen != [s for _, s in prompts] and calls == [3, 1] * 3
     deploy, test = oel.rollout_cfg(cfg, deploy=True), oel.rollout_cfg(cfg)
     assert (deploy.temperature, deploy.top_p, deploy.top_k) == (0.7, 1.0, 0) and (test.top_p, test.top_k) == (0.8, 20)
@@ -218,7 +218,7 @@ def test_distill_loss_gradient_reaches_only_student(tiny):
     batch = oel.sample_batch(student, tok, states("frozenlake", "train", 2, 0), [KNOWLEDGE], cfg, 0, 0)
     loss, n = oel.distill_loss(student, teacher, tok, batch, cfg)
     (loss / n).backward()
-    assert n == sum(len(b[-1]) for b in batch) > 0
+    assert n == sum(len(b.response) for b in batch) > 0
     assert student.output_weight.grad is not None and student.output_weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
 
@@ -705,7 +705,7 @@ def test_sample_batch_draws_fresh_knowledge_each_step_and_round(tiny, monkeypatc
                         [modeling.Completion([1], "", [0.0], True) for _ in ids])
     prompts, pool = [("frozenlake", f"state {i}") for i in range(16)], [f"knowledge {i}" for i in range(40)]
     cfg = oel.OELConfig(batch_size=16)
-    picks = [[b[2] for b in oel.sample_batch(tiny[0], tiny[1], prompts, pool, cfg, step, r)]
+    picks = [[b.knowledge for b in oel.sample_batch(tiny[0], tiny[1], prompts, pool, cfg, step, r)]
              for step, r in ((0, 0), (1, 0), (0, 1))]
     assert picks[0] != picks[1] and picks[0] != picks[2] and len(set(seeds)) == 3
     assert oel.accumulation_orders(replace(cfg, K=2, n=8), 0, 16) != oel.accumulation_orders(replace(cfg, K=2, n=8), 1, 16)
