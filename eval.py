@@ -25,18 +25,18 @@ import oel
 from train import check_checkpoint, parse_bool_or_none, resolve_model
 
 
-def contexts(mode, path, tok, budget, raw=None):
-    """The list of context texts for a mode (one per group of games); [None] for no context. raw: the file as
-    read_context returned it, when already read."""
+def contexts(mode, path, tok, budget, loaded=None):
+    """The list of context texts for a mode (one per group of games); [None] for no context. loaded: the file as
+    read_context returned it (knowledge texts or trajectories), when already read."""
     if mode == "none":
         return [None]
-    raw = read_context(mode, path) if raw is None else raw
-    if mode == "knowledge":
-        texts = ["\n".join(oel.trim_knowledge(t.splitlines(), tok, budget)) for t in raw]
-    else:
-        texts = [oel.raw_context(raw, tok, budget)]
-    if not any(r.strip() if isinstance(r, str) else r for r in raw):
+    loaded = read_context(mode, path) if loaded is None else loaded
+    if not loaded or (mode == "knowledge" and not any(t.strip() for t in loaded)):
         raise SystemExit(f"error: {path} holds no {mode} context (every text in it is empty)")
+    if mode == "knowledge":
+        texts = ["\n".join(oel.trim_knowledge(t.splitlines(), tok, budget)) for t in loaded]
+    else:
+        texts = [oel.raw_context(loaded, tok, budget)]
     if not any(texts):
         raise SystemExit(f"error: nothing of {path} fits in a budget of {budget} tokens: the {mode} context is empty")
     if not all(texts):
@@ -147,7 +147,7 @@ def main(argv=None):
         return
     if not a.model:
         p.error("--model is required unless --plot is given")
-    raw = check_args(p, a)  # before loading a model
+    loaded = check_args(p, a)  # the context file, read before loading a model
     budget = a.budget if a.budget is not None else run_setting(a.context, "knowledge_budget")
     a.thinking = vars(a).get("thinking", run_setting(a.model if os.path.isdir(a.model) else None, "thinking"))
     path = resolve_model(a.model)
@@ -160,7 +160,7 @@ def main(argv=None):
     m, tok = modeling.load(path, device=device, dtype=oel.infer_dtype(device))
     rcfg = games.RolloutConfig(max_turns=a.max_turns, max_new_tokens=a.max_new_tokens,  # sampling: the paper's
                                thinking=a.thinking)
-    ctxs = contexts(a.mode, a.context, tok, budget, raw)
+    ctxs = contexts(a.mode, a.context, tok, budget, loaded)
     trajs = oel.play(m, tok, a.game, a.split, a.n, a.seed, rcfg, ctxs, options=oel.game_settings(a.options))
     metrics = games.metrics(trajs)
     key = f"{Path(a.context).resolve()}:{budget}".encode() if a.context else b""  # which file, which budget

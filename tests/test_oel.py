@@ -532,6 +532,9 @@ def test_eval_context_names_and_empty_contexts(tiny, tmp_path, monkeypatch, caps
     (tmp_path / "pool.json").write_text(json.dumps(["", ""]))
     with pytest.raises(SystemExit, match="holds no knowledge context"):
         evaluation.contexts("knowledge", str(tmp_path / "pool.json"), tiny[1], 100)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="holds no raw context"):
+        evaluation.contexts("raw", str(tmp_path / "empty.jsonl"), tiny[1], 100)
     games.save_trajectories(tmp_path / "t.jsonl", [fake_trajectory(0)])
     for mode, path, match in (("raw", "pool.json", "not a raw context file"), ("knowledge", "t.jsonl", None),
                               ("raw", ".", "existing file")):
