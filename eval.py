@@ -81,9 +81,9 @@ def check_args(p, a):
         p.error(f"--budget must be >= 1, got {a.budget}")
     if a.mode == "none" and a.context:
         p.error("--context is only read by --mode knowledge or raw")
-    try:
-        games.make_games(a.game, a.split, 1, **oel.game_settings(a.options))
-    except (ValueError, TypeError) as e:  # bad JSON, unknown or impossible settings
+    try:  # a first level, played from its start: an impossible board fails now, not after loading the model
+        games.first_observation(games.make_games(a.game, a.split, 1, **oel.game_settings(a.options))[0])
+    except (ValueError, TypeError, RuntimeError) as e:  # bad JSON, unknown or impossible settings
         p.error(f"--options {a.options!r} for {a.game}: {e}")
     return None if a.mode == "none" else read_context(a.mode, a.context)
 

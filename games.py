@@ -29,7 +29,7 @@ import re
 import shutil
 import tempfile
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
 from tqdm import tqdm
@@ -401,6 +401,12 @@ def make_games(game: str, split: str, n: int, seed: int = 0, exclude=(), **optio
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     if not 0 <= n <= MAX_GAMES or seed < 0:
         raise ValueError(f"need 0 <= n <= {MAX_GAMES} and seed >= 0, got n={n}, seed={seed}")
+    types = {f.name: f.type for f in fields(ENVS[game]) if f.name != "seed"}
+    for k, v in options.items():
+        if k not in types:
+            raise ValueError(f"{game} has no option {k!r}; its options: {', '.join(types)}")
+        if not isinstance(v, types[k]) or isinstance(v, bool):  # JSON gives 4.5 or "4" as readily as 4
+            raise ValueError(f"{game} option {k!r} must be {getattr(types[k], '__name__', types[k])}, got {v!r}")
     if not exclude:
         return [ENVS[game](**options, seed=level_seed(split, seed, i)) for i in range(n)]
     envs, i = [], 0

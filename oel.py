@@ -55,6 +55,7 @@ Where we differ from the paper and its code:
 import fcntl
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -399,12 +400,15 @@ def consolidate(student, teacher, tok, prompts, pool, cfg, state_path=None, r=0)
             if n:
                 (loss / n_total).backward()
                 loss_sum += loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
+        if not math.isfinite(norm):  # one such step would turn every weight to NaN
+            raise SystemExit(f"error: round {r} step {step + 1}: the gradient norm is {norm} (the loss diverged); "
+                             "lower --lr or --grad_clip and rerun (it resumes from the last saved step)")
         opt.step()
         opt.zero_grad()
         kl = float(loss_sum / max(n_total, 1))
-        logs.append({"step": step + 1, "kl": kl, "grad_norm": float(norm), "tokens": n_total, "ms": 1000 * (time.time() - t0)})
-        tqdm.write(f"round {r} | step {step + 1:03d}/{cfg.steps} | kl {kl:.4f} | grad {float(norm):.3f} "
+        logs.append({"step": step + 1, "kl": kl, "grad_norm": norm, "tokens": n_total, "ms": 1000 * (time.time() - t0)})
+        tqdm.write(f"round {r} | step {step + 1:03d}/{cfg.steps} | kl {kl:.4f} | grad {norm:.3f} "
                    f"| tok {n_total / len(batch):.0f}/resp | {logs[-1]['ms']:.0f} ms")
         if state_path and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             torch.save({"model": student.state_dict(), "opt": opt.state_dict(), "step": step + 1, "logs": logs},
@@ -518,22 +522,28 @@ def train_round(cfg, r, rdir, ckpt, device):
 RESUMABLE = ("out_dir", "rounds", "micro_batch", "save_every")  # may change when a run is resumed
 
 
-def same_setting(key, a, b):
-    """Settings compare by meaning: checkpoint paths by the folder they name, game options as parsed JSON."""
+def same_setting(key, a, b, game):
+    """Settings compare by meaning: checkpoint paths by the folder they name, game options by the game they make
+    (defaults written out or left out)."""
     if key in ("model", "extractor") and a and b and os.path.isdir(a) and os.path.isdir(b):
         return os.path.realpath(a) == os.path.realpath(b)
     if key == "game_options":
-        return game_settings(a) == game_settings(b)
+        try:
+            return games.ENVS[game](**game_settings(a)) == games.ENVS[game](**game_settings(b))
+        except (ValueError, TypeError):  # not settings of this game: compare the text's JSON
+            return game_settings(a) == game_settings(b)
     return a == b
 
 
 def check_resume(cfg):
-    """Refuse to resume a run folder whose finished stages were made with other settings."""
+    """Refuse to resume a run folder whose finished stages were made with other settings (a folder where nothing
+    was written yet, e.g. after a failed start, takes the new settings)."""
     path = os.path.join(cfg.out_dir, "config.json")
-    if not os.path.exists(path):
+    made = [f for _, _, files in os.walk(cfg.out_dir) for f in files if f not in ("config.json", ".lock")]
+    if not os.path.exists(path) or not made:
         return
     old = json.load(open(path))
-    diff = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and not same_setting(k, old.get(k, v), v)]
+    diff = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and not same_setting(k, old.get(k, v), v, cfg.game)]
     if diff:
         raise SystemExit(f"error: {cfg.out_dir} holds a run made with other settings ({', '.join(diff)}); "
                          "rerun with the same flags to resume it, or pass a new --out_dir")

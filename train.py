@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -85,12 +86,12 @@ def check_settings(cfg):
                  "max_turns", "max_new_tokens", "extract_max_new_tokens", "knowledge_budget", "save_every"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"error: --{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.n_ood < 0 or cfg.topk < 0 or cfg.seed < 0 or cfg.weight_decay < 0:
-        raise SystemExit("error: --n_ood, --topk, --seed and --weight_decay must be >= 0")
+    if cfg.n_ood < 0 or cfg.topk < 0 or cfg.seed < 0 or not 0 <= cfg.weight_decay < math.inf:
+        raise SystemExit("error: --n_ood, --topk, --seed and --weight_decay must be >= 0 (and finite)")
     if max(cfg.n_train, cfg.n_test, cfg.n_ood) > games.MAX_GAMES:
         raise SystemExit(f"error: --n_train, --n_test and --n_ood must be <= {games.MAX_GAMES}")
-    if cfg.lr <= 0 or cfg.kl_temperature <= 0 or cfg.grad_clip <= 0:
-        raise SystemExit("error: --lr, --kl_temperature and --grad_clip must be > 0")
+    if not all(0 < x < math.inf for x in (cfg.lr, cfg.kl_temperature, cfg.grad_clip)):  # NaN fails too
+        raise SystemExit("error: --lr, --kl_temperature and --grad_clip must be finite and > 0")
     if cfg.context not in ("knowledge", "raw"):
         raise SystemExit(f"error: --context must be 'knowledge' or 'raw', got {cfg.context!r}")
     if cfg.context == "raw" and cfg.extractor:
@@ -98,9 +99,9 @@ def check_settings(cfg):
     for g in (cfg.game, cfg.ood_game):
         if g not in games.ENVS:
             raise SystemExit(f"error: unknown game {g!r}; choose from {', '.join(games.ENVS)}")
-    try:
-        games.make_games(cfg.game, "test", 1, **oel.game_settings(cfg.game_options))
-    except (ValueError, TypeError) as e:  # bad JSON, unknown or impossible settings
+    try:  # a first level, played from its start: an impossible board fails now, not mid-run
+        games.first_observation(games.make_games(cfg.game, "test", 1, **oel.game_settings(cfg.game_options))[0])
+    except (ValueError, TypeError, RuntimeError) as e:  # bad JSON, unknown or impossible settings
         raise SystemExit(f"error: --game_options {cfg.game_options!r} for {cfg.game}: {e}") from None
 
 

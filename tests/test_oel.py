@@ -322,8 +322,8 @@ def test_train_rejects_bad_settings(tmp_path):
     train.check(train.parse_args(["--model", str(tmp_path / "ck"), "--knowledge_budget", "7000", *short]))
     with pytest.raises(SystemExit, match="more than the model's context"):  # the budget counts
         train.check(train.parse_args(["--model", str(tmp_path / "ck"), "--knowledge_budget", "8000", *short]))
-    for flag, value in (("--lr", "0"), ("--kl_temperature", "0")):
-        with pytest.raises(SystemExit, match="must be > 0"):
+    for flag, value in (("--lr", "0"), ("--kl_temperature", "0"), ("--lr", "nan"), ("--lr", "inf"), ("--grad_clip", "nan")):
+        with pytest.raises(SystemExit, match="must be finite and > 0"):
             train.check_settings(train.parse_args(["--model", "tiny", flag, value]))
     with pytest.raises(SystemExit, match="--context must be 'knowledge' or 'raw'"):
         train.check_settings(train.parse_args(["--model", "tiny", "--context", "raws"]))
@@ -333,12 +333,16 @@ def test_train_rejects_bad_settings(tmp_path):
         train.parse_args(["--thinking", "maybe"])
     with pytest.raises(SystemExit, match="--game_options"):
         train.check(train.parse_args(["--model", "tiny", "--game_options", '{"size": 1}']))
-    with pytest.raises(SystemExit, match="--game_options"):
-        train.check(train.parse_args(["--model", "tiny", "--game_options", "{size"]))
-    for flag in ("--topk", "--n_ood", "--seed", "--weight_decay"):
+    for options, match in (("{size", "Expecting property"), ('{"size": 4.5}', "must be int, got 4.5"),
+                           ('{"size": "4"}', "must be int, got '4'"), ('{"sise": 4}', "no option 'sise'"),
+                           ('{"size": 6, "holes": 25}', "no solvable 6x6 board")):  # the last only fails in reset()
+        with pytest.raises(SystemExit, match=f"--game_options .*{match}"):
+            train.check(train.parse_args(["--model", "tiny", "--game_options", options]))
+    for flag, value in (("--topk", "-1"), ("--n_ood", "-1"), ("--seed", "-1"), ("--weight_decay", "-1"),
+                        ("--weight_decay", "nan")):
         with pytest.raises(SystemExit, match="must be >= 0"):
-            train.check_settings(train.parse_args(["--model", "tiny", flag, "-1"]))
-    with pytest.raises(SystemExit, match="must be > 0"):  # a negative clip norm would ascend the loss
+            train.check_settings(train.parse_args(["--model", "tiny", flag, value]))
+    with pytest.raises(SystemExit, match="must be finite and > 0"):  # a negative clip norm would ascend the loss
         train.check_settings(train.parse_args(["--model", "tiny", "--grad_clip", "-1"]))
     with pytest.raises(SystemExit, match="--n_train, --n_test and --n_ood must be <= 10000"):
         train.check_settings(train.parse_args(["--model", "tiny", "--n_train", "10001"]))
@@ -362,13 +366,17 @@ def test_train_flags_reach_the_config():
 
 
 def test_resume_compares_settings_by_meaning(tmp_path, monkeypatch):
-    """The same run folder, checkpoint folder or game options spelled differently still resume; other settings refuse."""
+    """The same run folder, checkpoint folder or game options spelled differently (defaults written out) still
+    resume; other settings refuse, once something was written (a failed start leaves only config.json)."""
     (tmp_path / "run").mkdir()
     (tmp_path / "ck").mkdir()
     cfg = oel.OELConfig(model=str(tmp_path / "ck"), out_dir=str(tmp_path / "run"), game_options='{"size": 4}')
     oel.atomic_write(tmp_path / "run" / "config.json", json.dumps(oel.asdict(cfg)))
     monkeypatch.chdir(tmp_path)
-    oel.check_resume(oel.OELConfig(model="./ck", out_dir="run", game_options='{ "size":4 }'))
+    oel.check_resume(oel.OELConfig(model="ck", out_dir="run", game_options='{"size": 5}'))  # nothing made yet
+    (tmp_path / "run" / "base").mkdir()
+    (tmp_path / "run" / "base" / "eval_test.jsonl.part0").write_text("")
+    oel.check_resume(oel.OELConfig(model="./ck", out_dir="run", game_options='{ "size":4, "holes": 2 }'))
     with pytest.raises(SystemExit, match=r"other settings \(game_options\)"):
         oel.check_resume(oel.OELConfig(model="ck", out_dir="run", game_options='{"size": 5}'))
 
@@ -730,6 +738,11 @@ def test_consolidation_weights_tokens_not_micro_batches_and_clips():
         moved.append(sum((v - base[k]).abs().sum() for k, v in student.state_dict().items()))
     assert norms[0] > 0 and abs(norms[1] / norms[0] - 1) < 1e-4  # the same gradient, micro-batched or not
     assert moved[0] > 0 and moved[2] < 0.1 * moved[0]
+    student, tok = modeling.load("tiny")
+    with torch.no_grad():
+        student.model.norm.weight.fill_(float("nan"))  # a diverged model: the step stops before the update
+    with pytest.raises(SystemExit, match="step 1: the gradient norm is nan"):
+        oel.consolidate(student, oel.frozen_copy(modeling.load("tiny")[0], torch.float32), tok, prompts, [KNOWLEDGE], cfg)
 
 
 def test_topk_kl_is_the_students_top_k(tiny):
