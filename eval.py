@@ -22,7 +22,7 @@ import torch
 import games
 import model as modeling
 import oel
-from train import check_checkpoint, parse_bool_or_none, resolve_model
+from train import check_checkpoint, parse_bool_or_none, resolve_model, stop_on_ctrl_c
 
 
 def contexts(mode, path, tok, budget, loaded=None):
@@ -49,6 +49,8 @@ def read_context(mode, path):
     (a .jsonl file); a one-line error for anything else."""
     if not (path and os.path.isfile(path)):
         raise SystemExit(f"error: --mode {mode} needs --context pointing to an existing file, got {path!r}")
+    if mode == "knowledge" and path.endswith(".jsonl"):
+        raise SystemExit(f"error: --context {path} holds trajectories; use --mode raw, or pass knowledge (.md, pool.json)")
     try:
         if mode == "raw":
             return games.load_trajectories(path)
@@ -81,6 +83,8 @@ def check_args(p, a):
         p.error(f"--budget must be >= 1, got {a.budget}")
     if a.mode == "none" and a.context:
         p.error("--context is only read by --mode knowledge or raw")
+    if a.out and not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
+        p.error(f"--out {a.out}: its folder does not exist")
     try:  # a first level, played from its start: an impossible board fails now, not after loading the model
         games.first_observation(games.make_games(a.game, a.split, 1, **oel.game_settings(a.options))[0])
     except (ValueError, TypeError, RuntimeError) as e:  # bad JSON, unknown or impossible settings
@@ -101,9 +105,11 @@ def plot(run_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        raise SystemExit(f"error: {path} not found: is {run_dir} a train.py run folder?")
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+    if not os.path.exists(os.path.join(run_dir, "config.json")):
+        raise SystemExit(f"error: {run_dir} is not a train.py run folder (no config.json)")
+    rows = [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+    if not rows:
+        raise SystemExit(f"error: {run_dir} has no results yet: not even the base model's evaluation has finished")
     x = [r["round"] for r in rows]  # -1: the base model; r: after round r's consolidation (as in metrics.jsonl)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.plot(x, [100 * r["test_pass_rate"] for r in rows], "o-", label="test")
@@ -123,10 +129,12 @@ def plot(run_dir):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on a game set, or plot a run folder.")
     p.add_argument("--model", help="checkpoint dir, Hub id, or 'tiny'")
-    p.add_argument("--game", default="frozenlake", choices=list(games.ENVS))
+    p.add_argument("--game", default=argparse.SUPPRESS, choices=list(games.ENVS),
+                   help="default (as for --options, --max_turns, --max_new_tokens and --thinking): the setting of the "
+                   "run that made --model, else train.py's")
     p.add_argument("--split", default="test", choices=games.SPLITS)
     p.add_argument("--n", type=int, default=128, help="number of games")
-    p.add_argument("--options", default="", help="JSON settings of the game, e.g. '{\"size\": 4, \"holes\": 3}'")
+    p.add_argument("--options", default=argparse.SUPPRESS, help="JSON settings of the game, e.g. '{\"size\": 4, \"holes\": 3}'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", default="none", choices=["none", "knowledge", "raw"], help="what goes into the prompt")
     p.add_argument("--context", help="knowledge .md / pool.json (mode knowledge) or trajectories .jsonl (mode raw)")
@@ -135,11 +143,11 @@ def main(argv=None):
     p.add_argument("--thinking", type=parse_bool_or_none, default=argparse.SUPPRESS,
                    help="true | false | none (instruct models); default: the mode of the run that made --model, "
                    f"else {oel.OELConfig.thinking}, as train.py")
-    p.add_argument("--max_turns", type=int, default=5)
-    p.add_argument("--max_new_tokens", type=int, default=1024)
-    p.add_argument("--out", help="result JSON (default: eval_<game>_<split>_n<n>_s<seed>_<chat>_<mode>[_<context>]"
-                   ".json "
-                   "beside a checkpoint folder, else the same with the model's name, here)")
+    p.add_argument("--max_turns", type=int, default=argparse.SUPPRESS)
+    p.add_argument("--max_new_tokens", type=int, default=argparse.SUPPRESS)
+    p.add_argument("--out", help="result JSON (default: eval_<game>[-<option><value>...]_<split>_n<n>_s<seed>_<chat>"
+                   "[_t<max_turns>][_m<max_new_tokens>]_<mode>[_<context>].json beside a checkpoint folder (limits named "
+                   "when not train.py's), else the same with the model's name, here)")
     p.add_argument("--plot", metavar="RUN_DIR", help="only write RUN_DIR/metrics.png")
     a = p.parse_args(argv)
     if a.plot:
@@ -147,9 +155,12 @@ def main(argv=None):
         return
     if not a.model:
         p.error("--model is required unless --plot is given")
+    run = a.model if os.path.isdir(a.model) else None
+    for flag, key in (("game", "game"), ("options", "game_options"), ("max_turns", "max_turns"),
+                      ("max_new_tokens", "max_new_tokens"), ("thinking", "thinking")):
+        setattr(a, flag, vars(a).get(flag, run_setting(run, key)))
     loaded = check_args(p, a)  # the context file, read before loading a model
     budget = a.budget if a.budget is not None else run_setting(a.context, "knowledge_budget")
-    a.thinking = vars(a).get("thinking", run_setting(a.model if os.path.isdir(a.model) else None, "thinking"))
     path = resolve_model(a.model)
     limit = check_checkpoint("--model", path).max_position_embeddings
     need = (budget if a.mode != "none" else 0) + a.max_turns * 512 + a.max_new_tokens  # context, observations, reply
@@ -161,13 +172,17 @@ def main(argv=None):
     rcfg = games.RolloutConfig(max_turns=a.max_turns, max_new_tokens=a.max_new_tokens,  # sampling: the paper's
                                thinking=a.thinking)
     ctxs = contexts(a.mode, a.context, tok, budget, loaded)
-    trajs = oel.play(m, tok, a.game, a.split, a.n, a.seed, rcfg, ctxs, options=oel.game_settings(a.options))
+    with stop_on_ctrl_c("the evaluation stopped; rerun it to start over"):
+        trajs = oel.play(m, tok, a.game, a.split, a.n, a.seed, rcfg, ctxs, options=oel.game_settings(a.options))
     metrics = games.metrics(trajs)
     key = f"{Path(a.context).resolve()}:{budget}".encode() if a.context else b""  # which file, which budget
     tag = f"_{Path(a.context).parent.name}-{Path(a.context).stem}-{hashlib.sha1(key).hexdigest()[:6]}" \
         if a.context else ""
     chat = {True: "think", False: "nothink", None: "instruct"}[a.thinking]
-    out = a.out or default_out(a.model, f"{a.game}_{a.split}_n{a.n}_s{a.seed}_{chat}_{a.mode}{tag}")
+    game = a.game + "".join(f"-{k}{v}" for k, v in sorted(oel.game_settings(a.options).items()))  # e.g. frozenlake-holes3-size4
+    limits = (f"_t{a.max_turns}" if a.max_turns != oel.OELConfig.max_turns else "") + \
+        (f"_m{a.max_new_tokens}" if a.max_new_tokens != oel.OELConfig.max_new_tokens else "")
+    out = a.out or default_out(a.model, f"{game}_{a.split}_n{a.n}_s{a.seed}_{chat}{limits}_{a.mode}{tag}")
     setting = {k: getattr(a, k) for k in ("model", "game", "split", "n", "seed", "options", "mode", "context",
                                           "thinking", "max_turns", "max_new_tokens")}
     oel.atomic_write(out, json.dumps({**setting, "budget": budget if ctxs != [None] else None, **metrics}, indent=2))

@@ -410,13 +410,15 @@ def make_games(game: str, split: str, n: int, seed: int = 0, exclude=(), **optio
     if not exclude:
         return [ENVS[game](**options, seed=level_seed(split, seed, i)) for i in range(n)]
     envs, i = [], 0
-    while len(envs) < n:
-        if i == MAX_GAMES:
-            raise ValueError(f"{game} {split} set {seed}: fewer than {n} of its levels are outside `exclude`")
-        env = ENVS[game](**options, seed=level_seed(split, seed, i))
-        if first_observation(env) not in exclude:
-            envs.append(env)
-        i += 1
+    with tqdm(total=n, desc=f"levels {game} {split}", leave=False) as bar:  # TextWorld: ~1 s to generate a level
+        while len(envs) < n:
+            if i == MAX_GAMES:
+                raise ValueError(f"{game} {split} set {seed}: fewer than {n} of its levels are outside `exclude`")
+            env = ENVS[game](**options, seed=level_seed(split, seed, i))
+            if first_observation(env) not in exclude:
+                envs.append(env)
+                bar.update()
+            i += 1
     return envs
 
 

@@ -307,6 +307,10 @@ def check_checkpoint(path_or_name) -> tuple[Path, ModelConfig]:
     cfg = ModelConfig.from_hf(path)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {path}")
+    try:
+        tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as e:  # the tokenizers library raises a bare Exception
+        raise ValueError(f"{path / 'tokenizer.json'} is not a tokenizer: {e}") from None
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
     found = set()

@@ -13,6 +13,7 @@ resumes an interrupted run at its first unfinished stage.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -147,10 +148,31 @@ def turns_tokens(max_turns, max_new_tokens):
 
 def check_checkpoint(flag, path) -> modeling.ModelConfig:
     """model.check_checkpoint (config, tokenizer, weight headers; no weights read) with a one-line error."""
+    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "base")):
+        raise SystemExit(f"error: {flag} {path} is a train.py run folder; pass one of its checkpoints, e.g. "
+                         f"{os.path.join(path, 'r0', 'model')}")
     try:
         return modeling.check_checkpoint(path)[1]
     except (OSError, ValueError, TypeError, NotImplementedError, SafetensorError) as e:
         raise SystemExit(f"error: {flag} {path}: {e}") from None
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c(advice):
+    """Ctrl-C stops the process at once, as a kill would (files are written whole or not at all), with one line."""
+    def on_ctrl_c(signum, frame):
+        try:
+            sys.stdout.flush()
+        except (RuntimeError, ValueError):  # interrupted inside a write to stdout
+            pass
+        os.write(2, f"\ninterrupted: {advice}\n".encode())
+        os._exit(130)  # no KeyboardInterrupt: raised inside native code it can surface as another error
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def check(cfg):
@@ -188,19 +210,8 @@ def main(argv=None):
     print(f"oel | model {cfg.model} | game {cfg.game} | {cfg.rounds} rounds | device {device} | out {cfg.out_dir}")
     print(json.dumps(dataclasses.asdict(cfg)))
 
-    def on_ctrl_c(signum, frame):  # stop at once, as a kill would: files are written whole or not at all
-        try:
-            sys.stdout.flush()
-        except (RuntimeError, ValueError):  # interrupted inside a write to stdout
-            pass
-        os.write(2, f"\ninterrupted: rerun the same command to resume {cfg.out_dir}\n".encode())
-        os._exit(130)  # no KeyboardInterrupt: raised inside native code it can surface as another error
-
-    previous = signal.signal(signal.SIGINT, on_ctrl_c)
-    try:
+    with stop_on_ctrl_c(f"rerun the same command to resume {cfg.out_dir}"):
         rows = oel.run(cfg, device=device)
-    finally:
-        signal.signal(signal.SIGINT, previous)
     print(summary(rows))
 
 

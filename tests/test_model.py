@@ -219,6 +219,9 @@ def test_check_checkpoint_reads_headers_only(ckpt):
     with pytest.raises(ValueError, match="hidden_size must be integers"):
         M.check_checkpoint(ckpt)
     (ckpt / "config.json").write_text(json.dumps(cfg))
+    (ckpt / "tokenizer.json").write_text("garbage")
+    with pytest.raises(ValueError, match="tokenizer.json is not a tokenizer"):
+        M.check_checkpoint(ckpt)
     (ckpt / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         M.check_checkpoint(ckpt)

@@ -303,6 +303,19 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     assert err.strip().splitlines()[-1] == f"interrupted: rerun the same command to resume {out}"
 
 
+def test_eval_ctrl_c_is_one_line(tmp_path):
+    """Ctrl-C during eval.py's games ends it with one line (exit status 130), not a traceback."""
+    proc = subprocess.Popen([sys.executable, "eval.py", "--model", "tiny", "--n", "64", "--out", str(tmp_path / "x.json")],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "rollout" not in seen and proc.poll() is None:  # the games have started
+        seen += proc.stderr.read(1)
+    proc.send_signal(signal.SIGINT)
+    err = seen + proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "interrupted: the evaluation stopped; rerun it to start over"
+
+
 def test_train_rejects_bad_settings(tmp_path):
     """Impossible settings and missing checkpoints fail early with a message naming the problem."""
     with pytest.raises(SystemExit, match="--steps must be >= 1"):
@@ -510,19 +523,29 @@ def test_eval_defaults_follow_the_run(tmp_path):
             evaluation.main(["--model", str(tmp_path / "not-loaded"), *bad])
 
 
-def test_eval_takes_the_chat_mode_of_the_run(tmp_path, monkeypatch):
-    """A run's checkpoint is evaluated in the run's chat mode unless --thinking says otherwise; the mode is in the
-    result's name."""
+def test_eval_takes_the_settings_of_the_run(tmp_path, monkeypatch):
+    """A run's checkpoint is evaluated in the run's chat mode, game, game options and turn limit unless flags say
+    otherwise; each is in the result's name, so results of other settings do not overwrite each other."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.json").write_text(json.dumps({"thinking": False}))
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"thinking": False, "game": "sokoban",
+                                                              "game_options": '{"size": 7}', "max_turns": 1}))
     modeling.save(*modeling.load("tiny"), tmp_path / "run" / "r0" / "model")
-    args = ["--model", str(tmp_path / "run" / "r0" / "model"), "--n", "1", "--max_turns", "1", "--max_new_tokens", "2"]
+    args = ["--model", str(tmp_path / "run" / "r0" / "model"), "--n", "1", "--max_new_tokens", "2"]
     evaluation.main(args)
     evaluation.main(args + ["--thinking", "none"])
+    evaluation.main(args + ["--options", '{"size": 6}'])
     names = sorted(p.name for p in (tmp_path / "run" / "r0").glob("eval_*.json"))
-    assert names == ["eval_frozenlake_test_n1_s0_instruct_none.json", "eval_frozenlake_test_n1_s0_nothink_none.json"]
-    assert json.loads((tmp_path / "run" / "r0" / names[1]).read_text())["thinking"] is False
+    assert names == ["eval_sokoban-size6_test_n1_s0_nothink_t1_m2_none.json",
+                     "eval_sokoban-size7_test_n1_s0_instruct_t1_m2_none.json",
+                     "eval_sokoban-size7_test_n1_s0_nothink_t1_m2_none.json"]
+    result = json.loads((tmp_path / "run" / "r0" / names[2]).read_text())
+    assert (result["thinking"], result["game"], result["options"], result["max_turns"]) == (False, "sokoban", '{"size": 7}', 1)
+    trajs = games.load_trajectories(tmp_path / "run" / "r0" / names[2].replace(".json", ".jsonl"))
+    assert trajs[0].game == "sokoban" and trajs[0].steps == 1 and len(trajs[0].turns[0].state.splitlines()[3].split()) == 7
+    with pytest.raises(SystemExit, match="is a train.py run folder; pass one of its checkpoints"):
+        (tmp_path / "run" / "base").mkdir()
+        evaluation.main(["--model", str(tmp_path / "run")])
 
 
 def test_eval_context_names_and_empty_contexts(tiny, tmp_path, monkeypatch, capsys):
@@ -533,7 +556,7 @@ def test_eval_context_names_and_empty_contexts(tiny, tmp_path, monkeypatch, caps
         evaluation.main(["--model", "tiny", "--n", "1", "--max_turns", "1", "--max_new_tokens", "2",
                          "--mode", "knowledge", "--context", str(tmp_path / f"{name}.md")])
     outs = sorted(p.name for p in tmp_path.glob("eval_*.json"))
-    assert [o[:-12] for o in outs] == [f"eval_tiny_frozenlake_test_n1_s0_think_knowledge_{tmp_path.name}-{x}" for x in "ab"]
+    assert [o[:-12] for o in outs] == [f"eval_tiny_frozenlake_test_n1_s0_think_t1_m2_knowledge_{tmp_path.name}-{x}" for x in "ab"]
     assert json.loads((tmp_path / outs[1]).read_text())["context"] == str(tmp_path / "b.md")
     with pytest.raises(SystemExit, match="context is empty"):
         evaluation.contexts("knowledge", str(tmp_path / "a.md"), tiny[1], 5)
@@ -544,15 +567,27 @@ def test_eval_context_names_and_empty_contexts(tiny, tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit, match="holds no raw context"):
         evaluation.contexts("raw", str(tmp_path / "empty.jsonl"), tiny[1], 100)
     games.save_trajectories(tmp_path / "t.jsonl", [fake_trajectory(0)])
-    for mode, path, match in (("raw", "pool.json", "not a raw context file"), ("knowledge", "t.jsonl", None),
-                              ("raw", ".", "existing file")):
+    for mode, path, match in (("raw", "pool.json", "not a raw context file"), ("knowledge", "t.jsonl", "use --mode raw"),
+                              ("knowledge", "bad.json", None), ("raw", ".", "existing file")):
         (tmp_path / "bad.json").write_text(json.dumps(["x", 3]))
         args = ["--model", "tiny", "--mode", mode, "--context", str(tmp_path / path)]
-        if match is None:  # a .jsonl as a knowledge file is read as text: fine; a non-list .json is not
-            args[-1] = str(tmp_path / "bad.json")
+        if match is None:  # a .json knowledge file other than a list of texts
             match = "a .json knowledge file is a list of texts"
         with pytest.raises(SystemExit, match=match):
             evaluation.main(args)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # found before playing, not after
+        evaluation.main(["--model", "tiny", "--out", str(tmp_path / "no" / "x.json")])
+    assert "its folder does not exist" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SystemExit, match="not a train.py run folder"):
+        evaluation.plot(str(tmp_path / "run"))
+    (tmp_path / "run" / "config.json").write_text("{}")
+    for metrics in (None, ""):  # a run that has not finished its base evaluation: no or an empty metrics.jsonl
+        if metrics is not None:
+            (tmp_path / "run" / "metrics.jsonl").write_text(metrics)
+        with pytest.raises(SystemExit, match="no results yet"):
+            evaluation.plot(str(tmp_path / "run"))
     with pytest.raises(SystemExit):  # budget + turns beyond the tiny model's 8192-token context, before loading it
         evaluation.main(["--model", "tiny", "--mode", "raw", "--context", str(tmp_path / "t.jsonl"), "--budget", "100000"])
     assert "more than the model's context of 8192" in capsys.readouterr().err
