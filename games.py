@@ -23,12 +23,14 @@ batched `model.generate` call. Trajectories are saved as JSONL, one episode per 
 """
 
 import json
+import multiprocessing
 import os
 import random
 import re
 import shutil
 import tempfile
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
@@ -272,6 +274,13 @@ COOKING_DEFAULTS = {"recipe": 1, "take": 0, "go": 1, "open": False, "cook": Fals
                     "recipe_seed": 0, "split": None}
 
 
+def textworld_file(kind: str, level: int, seed: int) -> str:
+    """Where the cache keeps the .z8 game for (kind, level, seed), e.g. .../cooking-recipe1-take1-open-s5.z8."""
+    folder = os.path.join(os.environ.get("OEL_CACHE", os.path.expanduser("~/.cache/oel")), "textworld")
+    tag = "-".join(f"{k}{'' if v is True else v}" for k, v in TW_LEVELS[kind][level - 1].items())
+    return os.path.join(folder, f"{kind}-{tag}-s{seed}.z8")
+
+
 def make_textworld(kind: str, level: int, seed: int) -> str:
     """Path of the .z8 game for (kind, level, seed), generated in-process into the cache unless already there.
     Files are written to a temporary folder and renamed into place, so a crash never leaves half a game."""
@@ -279,11 +288,10 @@ def make_textworld(kind: str, level: int, seed: int) -> str:
     import textworld.challenges
     from textworld.generator import QuestGenerationError
 
-    folder = os.path.join(os.environ.get("OEL_CACHE", os.path.expanduser("~/.cache/oel")), "textworld")
-    tag = "-".join(f"{k}{'' if v is True else v}" for k, v in TW_LEVELS[kind][level - 1].items())
-    stem = os.path.join(folder, f"{kind}-{tag}-s{seed}")  # e.g. cooking-recipe1-take1-open-s5
-    if os.path.exists(stem + ".z8"):
-        return stem + ".z8"
+    path = textworld_file(kind, level, seed)
+    if os.path.exists(path):
+        return path
+    folder, stem = os.path.dirname(path), path.removesuffix(".z8")
     os.makedirs(folder, exist_ok=True)
     settings = {**(COOKING_DEFAULTS if kind == "cooking" else {}), **TW_LEVELS[kind][level - 1]}
     make = textworld.challenges.CHALLENGES[f"tw-{kind}"][1]
@@ -323,14 +331,18 @@ class TextWorldGame:
             raise ValueError(f"TextWorld: level must be 1, 2 or 3, got {self.level}")
         self.env = None
 
+    def spec(self) -> tuple[str, int, int]:
+        """(kind, level, seed) of the game file, for make_textworld."""
+        kind = random.Random(self.seed).choice(list(TW_LEVELS)) if self.kind == "mix" else self.kind
+        return kind, self.level, self.seed
+
     def reset(self, seed: int | None = None) -> str:
         import textworld
 
         self.seed = self.seed if seed is None else seed
         if self.seed is None:
             raise ValueError("TextWorld: reset() needs a seed (the game is generated from it), or make_games' levels")
-        kind = random.Random(self.seed).choice(list(TW_LEVELS)) if self.kind == "mix" else self.kind
-        path = make_textworld(kind, self.level, self.seed)
+        path = make_textworld(*self.spec())
         self.close()
         infos = textworld.EnvInfos(admissible_commands=True, policy_commands=True, won=True, lost=True,
                                    objective=True, description=True)
@@ -382,6 +394,17 @@ def level_seed(split: str, seed: int, i: int) -> int:
     return 3 * (seed * MAX_GAMES + i) + SPLITS.index(split)
 
 
+def pregenerate(envs: list) -> None:
+    """Generate the TextWorld games among envs that the cache lacks, in parallel processes (~1 s each in one)."""
+    todo = [e.spec() for e in envs if isinstance(e, TextWorldGame) and not os.path.exists(textworld_file(*e.spec()))]
+    if len(todo) < 2:
+        return
+    spawn = multiprocessing.get_context("spawn")  # not fork: the parent may hold CUDA and threads
+    with ProcessPoolExecutor(min(len(todo), os.cpu_count() or 1), mp_context=spawn) as pool:
+        for _ in tqdm(pool.map(make_textworld, *zip(*todo)), total=len(todo), desc="generate textworld", leave=False):
+            pass
+
+
 def first_observation(env) -> str:
     """The observation a level starts with (it identifies the level); the game is closed again."""
     obs = env.reset()
@@ -409,8 +432,9 @@ def make_games(game: str, split: str, n: int, seed: int = 0, exclude=(), **optio
             raise ValueError(f"{game} option {k!r} must be {getattr(types[k], '__name__', types[k])}, got {v!r}")
     if not exclude:
         return [ENVS[game](**options, seed=level_seed(split, seed, i)) for i in range(n)]
+    pregenerate([ENVS[game](**options, seed=level_seed(split, seed, i)) for i in range(n)])  # the likely levels
     envs, i = [], 0
-    with tqdm(total=n, desc=f"levels {game} {split}", leave=False) as bar:  # TextWorld: ~1 s to generate a level
+    with tqdm(total=n, desc=f"levels {game} {split}", leave=False) as bar:
         while len(envs) < n:
             if i == MAX_GAMES:
                 raise ValueError(f"{game} {split} set {seed}: fewer than {n} of its levels are outside `exclude`")
@@ -494,6 +518,7 @@ def rollout(model, tokenizer, envs: list, cfg: RolloutConfig, knowledge: str | N
     """Play every game to the end or to cfg.max_turns, all unfinished games' turns in one generate call."""
     from model import generate  # torch-heavy; imported only when playing
 
+    pregenerate(envs)
     states = [f"Observation 1:\n{env.reset(env.seed)}" for env in tqdm(envs, desc="reset", leave=False)]
     trajs = [Trajectory(game=env.name, seed=env.seed) for env in envs]
     active = list(range(len(envs)))

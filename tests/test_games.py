@@ -202,6 +202,26 @@ def test_textworld_walkthrough_wins(tmp_path, monkeypatch):
     env.close()
 
 
+def test_textworld_games_generate_in_parallel_as_in_process(tmp_path, monkeypatch):
+    """pregenerate fills the cache from worker processes with the games in-process generation makes; rollouts and
+    level draws around excluded levels call it first."""
+    import model
+
+    envs = games.make_games("textworld", "test", 2, level=1)
+    monkeypatch.setenv("OEL_CACHE", str(tmp_path / "a"))
+    games.pregenerate(envs)
+    assert all(os.path.exists(games.textworld_file(*e.spec())) for e in envs)
+    parallel = [first_observation(e) for e in envs]
+    monkeypatch.setenv("OEL_CACHE", str(tmp_path / "b"))
+    assert [first_observation(e) for e in envs] == parallel
+    calls = []
+    monkeypatch.setattr(games, "pregenerate", lambda envs: calls.append([e.seed for e in envs]))
+    drawn = games.make_games("frozenlake", "train", 3, exclude={"no such board"})
+    monkeypatch.setattr(model, "generate", lambda m, tok, ids, **kw: [SimpleNamespace(text="[up]", tokens=[0])] * len(ids))
+    rollout(None, SimpleNamespace(user_ids=lambda content, thinking: [0]), drawn, RolloutConfig(max_turns=1))
+    assert calls == [[e.seed for e in drawn]] * 2
+
+
 def test_textworld_lost_game_ends_cleanly(tmp_path, monkeypatch):
     """Burning the food loses a cooking game: done, no reward, and the last observation is the game's own message
     without the interpreter's banner, score and RESTART/QUIT prompt."""
