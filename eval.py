@@ -131,7 +131,7 @@ def main(argv=None):
     p.add_argument("--model", help="checkpoint dir, Hub id, or 'tiny'")
     p.add_argument("--game", default=argparse.SUPPRESS, choices=list(games.ENVS),
                    help="default (as for --options, --max_turns, --max_new_tokens and --thinking): the setting of the "
-                   "run that made --model, else train.py's")
+                   "run that made --model (with --split ood: its ood_game, default options), else train.py's")
     p.add_argument("--split", default="test", choices=games.SPLITS)
     p.add_argument("--n", type=int, default=128, help="number of games")
     p.add_argument("--options", default=argparse.SUPPRESS, help="JSON settings of the game, e.g. '{\"size\": 4, \"holes\": 3}'")
@@ -155,10 +155,13 @@ def main(argv=None):
         return
     if not a.model:
         p.error("--model is required unless --plot is given")
-    run = a.model if os.path.isdir(a.model) else None
-    for flag, key in (("game", "game"), ("options", "game_options"), ("max_turns", "max_turns"),
-                      ("max_new_tokens", "max_new_tokens"), ("thinking", "thinking")):
-        setattr(a, flag, vars(a).get(flag, run_setting(run, key)))
+    run = a.model if os.path.isdir(a.model) else None  # defaults: the settings of the run that made it
+    run_ood = a.split == "ood" and "game" not in vars(a)  # the run's out-of-distribution set: its ood_game, as is
+    a.game = vars(a).get("game", run_setting(run, "ood_game" if run_ood else "game"))
+    own = a.game == run_setting(run, "game") and not run_ood
+    a.options = vars(a).get("options", run_setting(run, "game_options") if own else "")
+    for key in ("max_turns", "max_new_tokens", "thinking"):
+        setattr(a, key, vars(a).get(key, run_setting(run, key)))
     loaded = check_args(p, a)  # the context file, read before loading a model
     budget = a.budget if a.budget is not None else run_setting(a.context, "knowledge_budget")
     path = resolve_model(a.model)
@@ -179,7 +182,8 @@ def main(argv=None):
     tag = f"_{Path(a.context).parent.name}-{Path(a.context).stem}-{hashlib.sha1(key).hexdigest()[:6]}" \
         if a.context else ""
     chat = {True: "think", False: "nothink", None: "instruct"}[a.thinking]
-    game = a.game + "".join(f"-{k}{v}" for k, v in sorted(oel.game_settings(a.options).items()))  # e.g. frozenlake-holes3-size4
+    game = a.game + "".join(f"-{k}{v}" for k, v in sorted(oel.game_settings(a.options).items())  # frozenlake-holes3-size4
+                            if v != getattr(games.ENVS[a.game], k))  # a default written out changes no game
     limits = (f"_t{a.max_turns}" if a.max_turns != oel.OELConfig.max_turns else "") + \
         (f"_m{a.max_new_tokens}" if a.max_new_tokens != oel.OELConfig.max_new_tokens else "")
     out = a.out or default_out(a.model, f"{game}_{a.split}_n{a.n}_s{a.seed}_{chat}{limits}_{a.mode}{tag}")

@@ -9,8 +9,9 @@ solve() -> the shortest action list from the current state; valid_actions(); clo
   won within the default 5 turns). Unlike TextArena: no w/a/s/d
   aliases, reward 1 only on a win (no partial credit), an invalid move only wastes the turn, and Sokoban
   rooms come from a random walk plus the solver rather than from reverse play.
-- TextWorld: coin collector, treasure hunter and cooking games made in-process with the `textworld` package,
-  cached under $OEL_CACHE/textworld (default ~/.cache/oel), played through its interpreter.
+- TextWorld: coin collector, treasure hunter and cooking games generated with the `textworld` package (several
+  at a time in worker processes: `pregenerate`), cached under $OEL_CACHE/textworld (default ~/.cache/oel), played
+  through its interpreter.
 
 Agent protocol (as in the paper): every turn is ONE fresh user message, the short generic instruction of
 `user_prompt` plus the observation history so far (never the model's earlier responses). The rules of the
@@ -28,6 +29,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import tempfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -400,7 +402,9 @@ def pregenerate(envs: list) -> None:
     if len(todo) < 2:
         return
     spawn = multiprocessing.get_context("spawn")  # not fork: the parent may hold CUDA and threads
-    with ProcessPoolExecutor(min(len(todo), os.cpu_count() or 1), mp_context=spawn) as pool:
+    workers = min(len(todo), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=signal.signal,  # Ctrl-C is the parent's
+                             initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         for _ in tqdm(pool.map(make_textworld, *zip(*todo)), total=len(todo), desc="generate textworld", leave=False):
             pass
 
@@ -428,7 +432,7 @@ def make_games(game: str, split: str, n: int, seed: int = 0, exclude=(), **optio
     for k, v in options.items():
         if k not in types:
             raise ValueError(f"{game} has no option {k!r}; its options: {', '.join(types)}")
-        if not isinstance(v, types[k]) or isinstance(v, bool):  # JSON gives 4.5 or "4" as readily as 4
+        if not isinstance(v, types[k]) or (isinstance(v, bool) and types[k] is not bool):  # JSON gives 4.5, "4", true
             raise ValueError(f"{game} option {k!r} must be {getattr(types[k], '__name__', types[k])}, got {v!r}")
     if not exclude:
         return [ENVS[game](**options, seed=level_seed(split, seed, i)) for i in range(n)]

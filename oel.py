@@ -116,7 +116,10 @@ class OELConfig:
 
 def game_settings(text):
     """The game settings of a --game_options JSON string ('' = the defaults) as keyword arguments."""
-    return json.loads(text or "{}")
+    settings = json.loads(text or "{}")
+    if not isinstance(settings, dict) or "seed" in settings:  # the level seeds are the run's
+        raise ValueError("game options are a JSON object of the game's settings, without 'seed'")
+    return settings
 
 
 def atomic_write(path, text):
@@ -402,8 +405,8 @@ def consolidate(student, teacher, tok, prompts, pool, cfg, state_path=None, r=0)
                 loss_sum += loss.detach()
         norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
         if not math.isfinite(norm):  # one such step would turn every weight to NaN
-            raise SystemExit(f"error: round {r} step {step + 1}: the gradient norm is {norm} (the loss diverged); "
-                             "lower --lr or --grad_clip and rerun (it resumes from the last saved step)")
+            raise SystemExit(f"error: round {r} step {step + 1}: the gradient norm is {norm} (the loss diverged, and "
+                             "a rerun would again); start a new --out_dir with a lower --lr")
         opt.step()
         opt.zero_grad()
         kl = float(loss_sum / max(n_total, 1))
@@ -478,6 +481,7 @@ def test_boards(cfg):
     repeats its own boards so often (fewer than half distinct) that its level space cannot be held out: the
     paper's FrozenLake, 3x3 with 2 holes, has 19 boards in all, and training plays them too."""
     envs = games.make_games(cfg.game, "test", cfg.n_test, cfg.seed, **game_settings(cfg.game_options))
+    games.pregenerate(envs)
     boards = [games.first_observation(e) for e in envs]
     return set(boards) if 2 * len(set(boards)) >= len(boards) else set()
 

@@ -18,6 +18,7 @@ import dataclasses
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -165,6 +166,8 @@ def stop_on_ctrl_c(advice):
             sys.stdout.flush()
         except (RuntimeError, ValueError):  # interrupted inside a write to stdout
             pass
+        for p in multiprocessing.active_children():  # e.g. games.pregenerate's workers: they share our stderr
+            p.kill()
         os.write(2, f"\ninterrupted: {advice}\n".encode())
         os._exit(130)  # no KeyboardInterrupt: raised inside native code it can surface as another error
 

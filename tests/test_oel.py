@@ -316,6 +316,40 @@ def test_eval_ctrl_c_is_one_line(tmp_path):
     assert err.strip().splitlines()[-1] == "interrupted: the evaluation stopped; rerun it to start over"
 
 
+def session_processes(sid):
+    """Pids of the live processes in session sid (Linux /proc)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # state ppid pgrp session ...
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(pid)
+    return pids
+
+
+def test_ctrl_c_while_textworld_generates_leaves_no_workers(tmp_path):
+    """Ctrl-C (here to the main process alone, as `kill -INT` sends it) while worker processes generate TextWorld games
+    ends everything: status 130, the one-line message, no worker left generating and holding the output pipe."""
+    env = {**os.environ, "OEL_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "eval.py", "--model", "tiny", "--game", "textworld", "--n", "8",
+                             "--out", str(tmp_path / "x.json")], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = ""
+    while "| 1/" not in seen and proc.poll() is None:  # a first game generated: the workers are at work
+        seen += proc.stderr.read(1)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.time()
+    err = seen + proc.communicate(timeout=30)[1]  # a worker still generating holds stderr: this would wait for it
+    assert time.time() - t0 < 1.5, "workers outlived the interrupted process"
+    assert proc.returncode == 130 and "interrupted: the evaluation stopped; rerun it to start over" in err
+    deadline = time.time() + 10
+    while session_processes(proc.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not session_processes(proc.pid)
+
+
 def test_train_rejects_bad_settings(tmp_path):
     """Impossible settings and missing checkpoints fail early with a message naming the problem."""
     with pytest.raises(SystemExit, match="--steps must be >= 1"):
@@ -348,6 +382,7 @@ def test_train_rejects_bad_settings(tmp_path):
         train.check(train.parse_args(["--model", "tiny", "--game_options", '{"size": 1}']))
     for options, match in (("{size", "Expecting property"), ('{"size": 4.5}', "must be int, got 4.5"),
                            ('{"size": "4"}', "must be int, got '4'"), ('{"sise": 4}', "no option 'sise'"),
+                           ('{"seed": 4}', "without 'seed'"), ("[4]", "a JSON object"),
                            ('{"size": 6, "holes": 25}', "no solvable 6x6 board")):  # the last only fails in reset()
         with pytest.raises(SystemExit, match=f"--game_options .*{match}"):
             train.check(train.parse_args(["--model", "tiny", "--game_options", options]))
@@ -388,6 +423,8 @@ def test_resume_compares_settings_by_meaning(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     oel.check_resume(oel.OELConfig(model="ck", out_dir="run", game_options='{"size": 5}'))  # nothing made yet
     (tmp_path / "run" / "base").mkdir()
+    (tmp_path / "run" / ".lock").write_text("")  # run() holds it before it checks
+    oel.check_resume(oel.OELConfig(model="ck", out_dir="run", game_options='{"size": 5}'))
     (tmp_path / "run" / "base" / "eval_test.jsonl.part0").write_text("")
     oel.check_resume(oel.OELConfig(model="./ck", out_dir="run", game_options='{ "size":4, "holes": 2 }'))
     with pytest.raises(SystemExit, match=r"other settings \(game_options\)"):
@@ -420,6 +457,7 @@ def test_extract_pool_accumulates_saves_versions_and_resumes(tiny, tmp_path, mon
         assert len(pool[k].splitlines()) < len(every)  # the budget dropped the oldest
         assert (tmp_path / "knowledge" / f"r0_k{k}_1.md").read_text().splitlines() == every[:2]
     assert len(set(step_seeds)) == 4 and not any("Experience gathered so far" in x for p in texts for x in p)
+    assert step_seeds == [oel.seed_of(cfg.seed, 0, "extract", i) for i in range(1, 5)]  # named: no round collides
     r0_seeds = list(step_seeds)
     oel.extract_pool(None, tok, trajs, cfg, str(tmp_path / "r1"), r=1)
     assert not set(step_seeds[4:]) & set(r0_seeds)  # another round samples its extractions afresh
@@ -502,7 +540,7 @@ def test_eval_cli_plays_the_asked_set_with_every_context(tmp_path):
     assert [sum(text in t.turns[0].prompt for t in trajs) for text in texts] == [2, 2]
 
 
-def test_eval_defaults_follow_the_run(tmp_path):
+def test_eval_defaults_follow_the_run(tmp_path, capsys):
     """eval.py writes beside a checkpoint folder (r0 and r1 results do not overwrite each other), takes the raw-context
     budget from the run that made the context, and rejects bad flags before loading any model."""
     assert evaluation.default_out(str(tmp_path), "x") == str(tmp_path.parent / "eval_x.json")
@@ -521,27 +559,38 @@ def test_eval_defaults_follow_the_run(tmp_path):
                 ["--context", str(tmp_path / "k.md")]):
         with pytest.raises(SystemExit):
             evaluation.main(["--model", str(tmp_path / "not-loaded"), *bad])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # an impossible board: found by playing a first level, before loading any model
+        evaluation.main(["--model", str(tmp_path / "not-loaded"), "--options", '{"size": 6, "holes": 25}'])
+    assert "no solvable 6x6 board" in capsys.readouterr().err
 
 
 def test_eval_takes_the_settings_of_the_run(tmp_path, monkeypatch):
     """A run's checkpoint is evaluated in the run's chat mode, game, game options and turn limit unless flags say
-    otherwise; each is in the result's name, so results of other settings do not overwrite each other."""
+    otherwise (its OOD split: the run's ood_game, default options; another game: default options); each setting is in
+    the result's name, so results of other settings do not overwrite each other (a default written out is no other)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.json").write_text(json.dumps({"thinking": False, "game": "sokoban",
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"thinking": False, "game": "sokoban", "ood_game": "frozenlake",
                                                               "game_options": '{"size": 7}', "max_turns": 1}))
     modeling.save(*modeling.load("tiny"), tmp_path / "run" / "r0" / "model")
     args = ["--model", str(tmp_path / "run" / "r0" / "model"), "--n", "1", "--max_new_tokens", "2"]
     evaluation.main(args)
     evaluation.main(args + ["--thinking", "none"])
-    evaluation.main(args + ["--options", '{"size": 6}'])
+    evaluation.main(args + ["--options", '{"size": 6}'])  # Sokoban's default size
+    evaluation.main(args + ["--split", "ood"])
+    evaluation.main(args + ["--split", "ood", "--game", "sokoban"])
+    evaluation.main(args + ["--game", "frozenlake", "--split", "train"])
     names = sorted(p.name for p in (tmp_path / "run" / "r0").glob("eval_*.json"))
-    assert names == ["eval_sokoban-size6_test_n1_s0_nothink_t1_m2_none.json",
+    assert names == ["eval_frozenlake_ood_n1_s0_nothink_t1_m2_none.json",
+                     "eval_frozenlake_train_n1_s0_nothink_t1_m2_none.json",
+                     "eval_sokoban-size7_ood_n1_s0_nothink_t1_m2_none.json",
                      "eval_sokoban-size7_test_n1_s0_instruct_t1_m2_none.json",
-                     "eval_sokoban-size7_test_n1_s0_nothink_t1_m2_none.json"]
-    result = json.loads((tmp_path / "run" / "r0" / names[2]).read_text())
+                     "eval_sokoban-size7_test_n1_s0_nothink_t1_m2_none.json",
+                     "eval_sokoban_test_n1_s0_nothink_t1_m2_none.json"]
+    result = json.loads((tmp_path / "run" / "r0" / names[4]).read_text())
     assert (result["thinking"], result["game"], result["options"], result["max_turns"]) == (False, "sokoban", '{"size": 7}', 1)
-    trajs = games.load_trajectories(tmp_path / "run" / "r0" / names[2].replace(".json", ".jsonl"))
+    trajs = games.load_trajectories(tmp_path / "run" / "r0" / names[4].replace(".json", ".jsonl"))
     assert trajs[0].game == "sokoban" and trajs[0].steps == 1 and len(trajs[0].turns[0].state.splitlines()[3].split()) == 7
     with pytest.raises(SystemExit, match="is a train.py run folder; pass one of its checkpoints"):
         (tmp_path / "run" / "base").mkdir()
@@ -634,6 +683,7 @@ def test_play_sampling_seeds_differ_between_sets(monkeypatch):
     assert len(seeds) == len(set(seeds)) == 18 and max(seeds) * 1000 + 1000 < 2**63
     # named seeds: no collision where arithmetic ones collided (step 100 of round 0 = step 0 of round 1, run seed 1 = round 10)
     assert len({oel.seed_of(run, r, "extract", i) for run in (0, 1) for r in (0, 1, 10) for i in (0, 100)}) == 12
+    assert oel.seed_of(1, 11, "x") != oel.seed_of(11, 1, "x")
 
 
 def test_mixed_precision_student_matches_bf16_teacher_exactly(tiny, autocast_policy):
@@ -776,8 +826,10 @@ def test_consolidation_weights_tokens_not_micro_batches_and_clips():
     student, tok = modeling.load("tiny")
     with torch.no_grad():
         student.model.norm.weight.fill_(float("nan"))  # a diverged model: the step stops before the update
+    before = {k: v.clone() for k, v in student.state_dict().items()}
     with pytest.raises(SystemExit, match="step 1: the gradient norm is nan"):
         oel.consolidate(student, oel.frozen_copy(modeling.load("tiny")[0], torch.float32), tok, prompts, [KNOWLEDGE], cfg)
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items() if k != "model.norm.weight")
 
 
 def test_topk_kl_is_the_students_top_k(tiny):
