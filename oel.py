@@ -30,14 +30,19 @@ n = 15, K = 10, lr 5e-6, 20 steps a round, each on the turns of 64 fresh deploy 
 games, 256 prompts a step), one optimizer step per step, responses up to 1024 tokens, 5 turns.
 
 Where we differ from the paper and its code:
-- The loss is the exact KL over the whole vocabulary, averaged over all response tokens of a step; the
-  paper's top-256 student-token approximation is available as `topk` > 0 for comparison.
+- The loss is the exact KL over the whole vocabulary, averaged over all response tokens of a step (the code
+  averages over tokens within each packed micro-batch, then weights micro-batches by their sequences); the
+  paper's top-256 student-token approximation is available as `topk` > 0 for comparison. A non-finite
+  gradient norm stops the run (the code skips that update).
 - `context='raw'` gives the teacher raw trajectories (same token budget) instead of extracted knowledge:
   the paper's comparison, here as a run option.
 - Extraction: one prompt for every model size, asking for 1-2 lessons on `- EXPERIENCE ITEM:` lines (the
   code's v4 prompt, paraphrased; its 1.7B runs used a free-form analysis prompt whose whole answer is kept);
-  at most 2 new items per trajectory, exact repeats dropped. The extractor reads deploy trajectories (K
-  shuffles of them); the code plays separate extraction games for it.
+  at most 2 new items per trajectory, exact repeats dropped; an item line must start with the marker, and a
+  response cut off inside its thinking gives none (the code keeps any line containing the marker, and a
+  cut-off thinking text); an item longer than the whole budget is dropped, not the whole knowledge. The
+  extractor reads deploy trajectories, each accumulation its own random n of them; the code plays separate
+  extraction games for it (sampled at 0.7, top-p 0.8, top-k 20), the same levels for every accumulation.
 - Consolidation prompts are drawn from one shuffle of all deploy turns per round, not game by game.
 - Out-of-distribution: a set of games (TextWorld by default); the paper reports IF-Eval, which
   lm-evaluation-harness runs on the saved checkpoints.
