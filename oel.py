@@ -416,7 +416,7 @@ def consolidate(student, teacher, tok, prompts, pool, cfg, state_path=None, r=0)
         opt.zero_grad()
         kl = float(loss_sum / max(n_total, 1))
         logs.append({"step": step + 1, "kl": kl, "grad_norm": norm, "tokens": n_total, "ms": 1000 * (time.time() - t0)})
-        tqdm.write(f"round {r} | step {step + 1:03d}/{cfg.steps} | kl {kl:.4f} | grad {norm:.3f} "
+        tqdm.write(f"round {r} | step {step + 1:03d}/{cfg.steps} | kl {max(kl, 0.0):.4f} | grad {norm:.3f} "  # no -0.0000
                    f"| tok {n_total / len(batch):.0f}/resp | {logs[-1]['ms']:.0f} ms")
         if state_path and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             torch.save({"model": student.state_dict(), "opt": opt.state_dict(), "step": step + 1, "logs": logs},
