@@ -50,7 +50,8 @@ def read_context(mode, path):
     if not (path and os.path.isfile(path)):
         raise SystemExit(f"error: --mode {mode} needs --context pointing to an existing file, got {path!r}")
     if mode == "knowledge" and path.endswith(".jsonl"):
-        raise SystemExit(f"error: --context {path} holds trajectories; use --mode raw, or pass knowledge (.md, pool.json)")
+        raise SystemExit(f"error: --context {path} holds trajectories; use --mode raw, or pass knowledge "
+                         "(.md, pool.json)")
     try:
         if mode == "raw":
             return games.load_trajectories(path)
@@ -134,7 +135,8 @@ def main(argv=None):
                    "run that made --model (with --split ood: its ood_game, default options), else train.py's")
     p.add_argument("--split", default="test", choices=games.SPLITS)
     p.add_argument("--n", type=int, default=128, help="number of games")
-    p.add_argument("--options", default=argparse.SUPPRESS, help="JSON settings of the game, e.g. '{\"size\": 4, \"holes\": 3}'")
+    p.add_argument("--options", default=argparse.SUPPRESS,
+                   help="JSON settings of the game, e.g. '{\"size\": 4, \"holes\": 3}'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", default="none", choices=["none", "knowledge", "raw"], help="what goes into the prompt")
     p.add_argument("--context", help="knowledge .md / pool.json (mode knowledge) or trajectories .jsonl (mode raw)")
@@ -146,8 +148,8 @@ def main(argv=None):
     p.add_argument("--max_turns", type=int, default=argparse.SUPPRESS)
     p.add_argument("--max_new_tokens", type=int, default=argparse.SUPPRESS)
     p.add_argument("--out", help="result JSON (default: eval_<game>[-<option><value>...]_<split>_n<n>_s<seed>_<chat>"
-                   "[_t<max_turns>][_m<max_new_tokens>]_<mode>[_<context>].json beside a checkpoint folder (limits named "
-                   "when not train.py's), else the same with the model's name, here)")
+                   "[_t<max_turns>][_m<max_new_tokens>]_<mode>[_<context>].json beside a checkpoint folder (options "
+                   "and limits named when not the defaults), else the same with the model's name, here)")
     p.add_argument("--plot", metavar="RUN_DIR", help="only write RUN_DIR/metrics.png")
     a = p.parse_args(argv)
     if a.plot:
@@ -182,8 +184,8 @@ def main(argv=None):
     tag = f"_{Path(a.context).parent.name}-{Path(a.context).stem}-{hashlib.sha1(key).hexdigest()[:6]}" \
         if a.context else ""
     chat = {True: "think", False: "nothink", None: "instruct"}[a.thinking]
-    game = a.game + "".join(f"-{k}{v}" for k, v in sorted(oel.game_settings(a.options).items())  # frozenlake-holes3-size4
-                            if v != getattr(games.ENVS[a.game], k))  # a default written out changes no game
+    settings = sorted(oel.game_settings(a.options).items())
+    game = a.game + "".join(f"-{k}{v}" for k, v in settings if v != getattr(games.ENVS[a.game], k))  # frozenlake-size4
     limits = (f"_t{a.max_turns}" if a.max_turns != oel.OELConfig.max_turns else "") + \
         (f"_m{a.max_new_tokens}" if a.max_new_tokens != oel.OELConfig.max_new_tokens else "")
     out = a.out or default_out(a.model, f"{game}_{a.split}_n{a.n}_s{a.seed}_{chat}{limits}_{a.mode}{tag}")

@@ -212,7 +212,8 @@ def trim_knowledge(items, tok, budget):
 
 def accumulation_orders(cfg, r, n_trajs):
     """For each of the K accumulations, the indices of the n trajectories it reads, in order (seeded by k)."""
-    return [random.Random(seed_of(cfg.seed, r, "accumulation", k)).sample(range(n_trajs), min(cfg.n, n_trajs)) for k in range(cfg.K)]
+    return [random.Random(seed_of(cfg.seed, r, "accumulation", k)).sample(range(n_trajs), min(cfg.n, n_trajs))
+            for k in range(cfg.K)]
 
 
 def raw_context(trajs, tok, budget):
@@ -333,7 +334,7 @@ def sample_batch(student, tok, prompts, pool, cfg, step, r) -> list[Sample]:
     """The step's `batch_size` (game, state) prompts, each with a knowledge text drawn from the pool, and the
     student's responses. A round's steps walk through one shuffle of all its prompts (cycling when they run out),
     so each is used about once, as the paper's code uses every deploy turn once."""
-    order = random.Random(seed_of(cfg.seed, r, "prompts")).sample(range(len(prompts)), len(prompts))  # the round's shuffle
+    order = random.Random(seed_of(cfg.seed, r, "prompts")).sample(range(len(prompts)), len(prompts))  # round's shuffle
     picks = [prompts[order[(step * cfg.batch_size + i) % len(prompts)]] for i in range(cfg.batch_size)]
     rng = random.Random(seed_of(cfg.seed, r, "step", step))
     know = [pool[rng.randrange(len(pool))] for _ in picks]
@@ -416,7 +417,8 @@ def consolidate(student, teacher, tok, prompts, pool, cfg, state_path=None, r=0)
         opt.zero_grad()
         kl = float(loss_sum / max(n_total, 1))
         logs.append({"step": step + 1, "kl": kl, "grad_norm": norm, "tokens": n_total, "ms": 1000 * (time.time() - t0)})
-        tqdm.write(f"round {r} | step {step + 1:03d}/{cfg.steps} | kl {max(kl, 0.0):.4f} | grad {norm:.3f} "  # no -0.0000
+        shown = max(kl, 0.0)  # rounding can leave -1e-9: no "-0.0000"
+        tqdm.write(f"round {r} | step {step + 1:03d}/{cfg.steps} | kl {shown:.4f} | grad {norm:.3f} "
                    f"| tok {n_total / len(batch):.0f}/resp | {logs[-1]['ms']:.0f} ms")
         if state_path and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             torch.save({"model": student.state_dict(), "opt": opt.state_dict(), "step": step + 1, "logs": logs},

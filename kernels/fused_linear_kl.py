@@ -19,7 +19,8 @@ and backward only scales (grad_h, grad_W) in place by the upstream gradient (ker
 
 FLOPs it must do: 2 T H V for each of z_s, z_t, grad_h, grad_W = 8 T H V: 2.0e13 at T = 8192,
 H = 2048, V = 151,936, i.e. 26.35 ms at the 8192^3 matmul rate an H200 measured (774 TFLOP/s; this path
-took 37.6 ms, 1.43x, on 2026-11-26); plus 5 T V b bytes for the kl kernel (~3 ms). Extra memory at T = 8192, H = 2048, V = 151,936 in bf16: the two [C, V] chunk buffers,
+took 37.6 ms, 1.43x, on 2026-11-26); plus 5 T V b bytes for the kl kernel (~3 ms).
+Extra memory at T = 8192, H = 2048, V = 151,936 in bf16: the two [C, V] chunk buffers,
 2 C V b = 311 MB at the default C = 512, plus the gradient outputs grad_W [V, H] (622 MB) and grad_h [T, H]
 (34 MB): 0.90 GiB. grad_W accumulates in the weight's dtype (the matmul adds in fp32 and rounds once per
 chunk); an fp32 accumulator would cost 4 V H bytes (1.2 GB). Each chunk reads and writes grad_W once
