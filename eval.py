@@ -86,9 +86,9 @@ def check_args(p, a):
         p.error("--context is only read by --mode knowledge or raw")
     if a.out and not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
         p.error(f"--out {a.out}: its folder does not exist")
-    try:  # a first level, played from its start: an impossible board fails now, not after loading the model
-        games.first_observation(games.make_games(a.game, a.split, 1, **oel.game_settings(a.options))[0])
-    except (ValueError, TypeError, RuntimeError) as e:  # bad JSON, unknown or impossible settings
+    try:
+        oel.check_game(a.game, a.options, a.split)
+    except ValueError as e:
         p.error(f"--options {a.options!r} for {a.game}: {e}")
     return None if a.mode == "none" else read_context(a.mode, a.context)
 

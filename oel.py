@@ -127,6 +127,15 @@ def game_settings(text):
     return settings
 
 
+def check_game(game, options, split="test"):
+    """Build and start a first level with these --game_options: bad JSON, unknown or mistyped options and impossible
+    boards raise ValueError now, before any work, instead of mid-run."""
+    try:
+        games.first_observation(games.make_games(game, split, 1, **game_settings(options))[0])
+    except (TypeError, RuntimeError) as e:  # a setting the game cannot take; no board found
+        raise ValueError(str(e)) from None
+
+
 def atomic_write(path, text):
     """Write text so that a reader sees either nothing or the whole file."""
     tmp = f"{path}.tmp"

@@ -101,9 +101,9 @@ def check_settings(cfg):
     for g in (cfg.game, cfg.ood_game):
         if g not in games.ENVS:
             raise SystemExit(f"error: unknown game {g!r}; choose from {', '.join(games.ENVS)}")
-    try:  # a first level, played from its start: an impossible board fails now, not mid-run
-        games.first_observation(games.make_games(cfg.game, "test", 1, **oel.game_settings(cfg.game_options))[0])
-    except (ValueError, TypeError, RuntimeError) as e:  # bad JSON, unknown or impossible settings
+    try:
+        oel.check_game(cfg.game, cfg.game_options)
+    except ValueError as e:
         raise SystemExit(f"error: --game_options {cfg.game_options!r} for {cfg.game}: {e}") from None
 
 
