@@ -132,7 +132,8 @@ def main(argv=None):
     p.add_argument("--model", help="checkpoint dir, Hub id, or 'tiny'")
     p.add_argument("--game", default=argparse.SUPPRESS, choices=list(games.ENVS),
                    help="default (as for --options, --max_turns, --max_new_tokens and --thinking): the setting of the "
-                   "run that made --model (with --split ood: its ood_game, default options), else train.py's")
+                   "run that made --model, or else of the run --context comes from (with --split ood: its ood_game, "
+                   "default options), else train.py's")
     p.add_argument("--split", default="test", choices=games.SPLITS)
     p.add_argument("--n", type=int, default=128, help="number of games")
     p.add_argument("--options", default=argparse.SUPPRESS,
@@ -157,7 +158,7 @@ def main(argv=None):
         return
     if not a.model:
         p.error("--model is required unless --plot is given")
-    run = a.model if os.path.isdir(a.model) else None  # defaults: the settings of the run that made it
+    run = a.model if os.path.isdir(a.model) else a.context  # defaults: the run that made the model, or the context
     run_ood = a.split == "ood" and "game" not in vars(a)  # the run's out-of-distribution set: its ood_game, as is
     a.game = vars(a).get("game", run_setting(run, "ood_game" if run_ood else "game"))
     own = a.game == run_setting(run, "game") and not run_ood

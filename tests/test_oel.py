@@ -592,6 +592,9 @@ def test_eval_takes_the_settings_of_the_run(tmp_path, monkeypatch):
     assert (result["thinking"], result["game"], result["options"], result["max_turns"]) == (False, "sokoban", '{"size": 7}', 1)
     trajs = games.load_trajectories(tmp_path / "run" / "r0" / names[4].replace(".json", ".jsonl"))
     assert trajs[0].game == "sokoban" and trajs[0].steps == 1 and len(trajs[0].turns[0].state.splitlines()[3].split()) == 7
+    (tmp_path / "run" / "r0" / "k.md").write_text(KNOWLEDGE)  # a model from elsewhere takes the context's run
+    evaluation.main(["--model", "tiny", "--n", "1", "--mode", "knowledge", "--context", str(tmp_path / "run" / "r0" / "k.md")])
+    assert len(list(tmp_path.glob("eval_tiny_sokoban-size7_test_n1_s0_nothink_t1_knowledge_r0-k-*.json"))) == 1
     with pytest.raises(SystemExit, match="is a train.py run folder; pass one of its checkpoints"):
         (tmp_path / "run" / "base").mkdir()
         evaluation.main(["--model", str(tmp_path / "run")])
