@@ -65,14 +65,16 @@ def read_context(mode, path):
     return texts
 
 
-def run_setting(path, key):
-    """A setting of the train.py run folder holding `path` at any depth (r{r}/pool.json, r{r}/knowledge/*.md,
-    r{r}/model), read from its config.json; OELConfig's default outside a run. Gives raw trajectories and
-    knowledge the run's token budget, and a run's checkpoints its chat mode."""
-    for folder in Path(path).resolve().parents if path else ():
-        file = folder / "config.json"
-        if file.exists() and key in (cfg := json.loads(file.read_text())):
-            return cfg[key]
+def run_setting(key, *paths):
+    """A setting of the train.py run folder holding the first of `paths` that lies in one, at any depth
+    (r{r}/model, r{r}/pool.json, r{r}/knowledge/*.md), read from its config.json; OELConfig's default outside a
+    run. Gives a run's checkpoints (or a model given a run's context) the run's game and chat mode, and raw
+    trajectories and knowledge the run's token budget."""
+    for path in paths:
+        for folder in Path(path).resolve().parents if path else ():
+            file = folder / "config.json"
+            if file.exists() and key in (cfg := json.loads(file.read_text())):
+                return cfg[key]
     return getattr(oel.OELConfig, key)
 
 
@@ -158,15 +160,15 @@ def main(argv=None):
         return
     if not a.model:
         p.error("--model is required unless --plot is given")
-    run = a.model if os.path.isdir(a.model) else a.context  # defaults: the run that made the model, or the context
+    runs = (a.model if os.path.isdir(a.model) else None, a.context)  # defaults: the model's run, else the context's
     run_ood = a.split == "ood" and "game" not in vars(a)  # the run's out-of-distribution set: its ood_game, as is
-    a.game = vars(a).get("game", run_setting(run, "ood_game" if run_ood else "game"))
-    own = a.game == run_setting(run, "game") and not run_ood
-    a.options = vars(a).get("options", run_setting(run, "game_options") if own else "")
+    a.game = vars(a).get("game", run_setting("ood_game" if run_ood else "game", *runs))
+    own = a.game == run_setting("game", *runs) and not run_ood
+    a.options = vars(a).get("options", run_setting("game_options", *runs) if own else "")
     for key in ("max_turns", "max_new_tokens", "thinking"):
-        setattr(a, key, vars(a).get(key, run_setting(run, key)))
+        setattr(a, key, vars(a).get(key, run_setting(key, *runs)))
     loaded = check_args(p, a)  # the context file, read before loading a model
-    budget = a.budget if a.budget is not None else run_setting(a.context, "knowledge_budget")
+    budget = a.budget if a.budget is not None else run_setting("knowledge_budget", a.context)
     path = resolve_model(a.model)
     limit = check_checkpoint("--model", path).max_position_embeddings
     need = (budget if a.mode != "none" else 0) + a.max_turns * 512 + a.max_new_tokens  # context, observations, reply

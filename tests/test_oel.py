@@ -548,9 +548,9 @@ def test_eval_defaults_follow_the_run(tmp_path, capsys):
     (tmp_path / "r0" / "knowledge").mkdir(parents=True)
     (tmp_path / "config.json").write_text(json.dumps({"knowledge_budget": 300}))
     (tmp_path / "r0" / "config.json").write_text(json.dumps({"model_type": "qwen3"}))  # not a run's config
-    assert evaluation.run_setting(str(tmp_path / "r0" / "deploy.jsonl"), "knowledge_budget") == 300
-    assert evaluation.run_setting(str(tmp_path / "r0" / "knowledge" / "r0_k0_4.md"), "knowledge_budget") == 300
-    assert evaluation.run_setting(str(tmp_path / "r0" / "deploy.jsonl"), "thinking") is oel.OELConfig.thinking
+    assert evaluation.run_setting("knowledge_budget", str(tmp_path / "r0" / "deploy.jsonl")) == 300
+    assert evaluation.run_setting("knowledge_budget", str(tmp_path / "r0" / "knowledge" / "r0_k0_4.md")) == 300
+    assert evaluation.run_setting("thinking", str(tmp_path / "r0" / "deploy.jsonl")) is oel.OELConfig.thinking
     (tmp_path / "k.md").write_text(KNOWLEDGE)
     k = ["--mode", "knowledge", "--context", str(tmp_path / "k.md")]
     for bad in (["--thinking", "maybe"], ["--mode", "raw"], ["--mode", "raw", "--context", str(tmp_path / "no.jsonl")],
@@ -593,8 +593,15 @@ def test_eval_takes_the_settings_of_the_run(tmp_path, monkeypatch):
     trajs = games.load_trajectories(tmp_path / "run" / "r0" / names[4].replace(".json", ".jsonl"))
     assert trajs[0].game == "sokoban" and trajs[0].steps == 1 and len(trajs[0].turns[0].state.splitlines()[3].split()) == 7
     (tmp_path / "run" / "r0" / "k.md").write_text(KNOWLEDGE)  # a model from elsewhere takes the context's run
-    evaluation.main(["--model", "tiny", "--n", "1", "--mode", "knowledge", "--context", str(tmp_path / "run" / "r0" / "k.md")])
+    evaluation.main(["--model", "tiny", "--n", "1", "--mode", "knowledge", "--context",
+                     str(tmp_path / "run" / "r0" / "k.md")])
     assert len(list(tmp_path.glob("eval_tiny_sokoban-size7_test_n1_s0_nothink_t1_knowledge_r0-k-*.json"))) == 1
+    ctx = str(tmp_path / "run" / "r0" / "k.md")
+    (tmp_path / "ck").mkdir()  # a checkpoint folder outside any run: the context's run too; a run's own: its run
+    assert evaluation.run_setting("game", str(tmp_path / "ck"), ctx) == "sokoban"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"game": "frozenlake"}))
+    assert evaluation.run_setting("game", str(tmp_path / "other" / "r0" / "model"), ctx) == "frozenlake"
     with pytest.raises(SystemExit, match="is a train.py run folder; pass one of its checkpoints"):
         (tmp_path / "run" / "base").mkdir()
         evaluation.main(["--model", str(tmp_path / "run")])
