@@ -398,7 +398,8 @@ def level_seed(split: str, seed: int, i: int) -> int:
 
 def pregenerate(envs: list) -> None:
     """Generate the TextWorld games among envs that the cache lacks, in parallel processes (~1 s each in one)."""
-    todo = [e.spec() for e in envs if isinstance(e, TextWorldGame) and not os.path.exists(textworld_file(*e.spec()))]
+    specs = [e.spec() for e in envs if isinstance(e, TextWorldGame)]
+    todo = [s for s in specs if not os.path.exists(textworld_file(*s))]
     if len(todo) < 2:
         return
     spawn = multiprocessing.get_context("spawn")  # not fork: the parent may hold CUDA and threads
@@ -434,15 +435,16 @@ def make_games(game: str, split: str, n: int, seed: int = 0, exclude=(), **optio
             raise ValueError(f"{game} has no option {k!r}; its options: {', '.join(types)}")
         if not isinstance(v, types[k]) or (isinstance(v, bool) and types[k] is not bool):  # JSON gives 4.5, "4", true
             raise ValueError(f"{game} option {k!r} must be {getattr(types[k], '__name__', types[k])}, got {v!r}")
+    levels = [ENVS[game](**options, seed=level_seed(split, seed, i)) for i in range(n)]
     if not exclude:
-        return [ENVS[game](**options, seed=level_seed(split, seed, i)) for i in range(n)]
-    pregenerate([ENVS[game](**options, seed=level_seed(split, seed, i)) for i in range(n)])  # the likely levels
+        return levels
+    pregenerate(levels)  # the likely levels
     envs, i = [], 0
     with tqdm(total=n, desc=f"levels {game} {split}", leave=False) as bar:
         while len(envs) < n:
             if i == MAX_GAMES:
                 raise ValueError(f"{game} {split} set {seed}: fewer than {n} of its levels are outside `exclude`")
-            env = ENVS[game](**options, seed=level_seed(split, seed, i))
+            env = levels[i] if i < n else ENVS[game](**options, seed=level_seed(split, seed, i))
             if first_observation(env) not in exclude:
                 envs.append(env)
                 bar.update()

@@ -559,7 +559,7 @@ def check_resume(cfg):
     """Refuse to resume a run folder whose finished stages were made with other settings (a folder where nothing
     was written yet, e.g. after a failed start, takes the new settings)."""
     path = os.path.join(cfg.out_dir, "config.json")
-    made = [f for _, _, files in os.walk(cfg.out_dir) for f in files if f not in ("config.json", ".lock")]
+    made = any(f not in ("config.json", ".lock") for _, _, files in os.walk(cfg.out_dir) for f in files)
     if not os.path.exists(path) or not made:
         return
     old = json.load(open(path))
