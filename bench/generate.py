@@ -170,6 +170,10 @@ def main():
                 idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                 eos_token_id=None, **extra)
 
+    header = (f"{'batch':>5} | {'system':10} | {'warm-up s':>9} | {'prefill ms':>10} | {'decode tok/s':>12} | "
+              f"{'end-to-end tok/s':>16}")
+    line = "{:5d} | {:10} | {:9.1f} | {:10.1f} | {:12.0f} | {:16.0f}".format
+    print(header, flush=True)  # each row as it is measured, so a timed-out call keeps what it measured
     rows = []
     for B in args.batch:
         idx = torch.randint(0, cfg.vocab_size, (B, args.prompt), device=device)
@@ -180,14 +184,13 @@ def main():
                 total = timed(lambda: run(idx, args.new))
             rows.append((B, name, warm, prefill * 1e3, B * (args.new - 1) / max(total - prefill, 1e-9),
                          B * args.new / total))
-            print(f"B={B:3d} {name:10s} done", flush=True)
+            print(line(*rows[-1]), flush=True)
 
     print(f"\n{device} {torch.cuda.get_device_name() if device == 'cuda' else ''} | layers {cfg.num_hidden_layers} "
           f"hidden {cfg.hidden_size} vocab {cfg.vocab_size} {str(dtype)[6:]} | prompt {args.prompt}, new {args.new}")
-    print(f"{'batch':>5} | {'system':10} | {'warm-up s':>9} | {'prefill ms':>10} | {'decode tok/s':>12} | "
-          f"{'end-to-end tok/s':>16}")
-    for B, name, warm, pre, dec, e2e in rows:
-        print(f"{B:5d} | {name:10} | {warm:9.1f} | {pre:10.1f} | {dec:12.0f} | {e2e:16.0f}")
+    print(header)
+    for row in rows:
+        print(line(*row))
 
 
 if __name__ == "__main__":
