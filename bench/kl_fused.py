@@ -3,7 +3,7 @@ Experiment on the fused path's time (1.43x its matmul floor on an H200, against 
 schedules of fused_linear_kl's forward, timed beside ours in one run, each checked against ours.
 
     python bench/kl_fused.py            # GPU: T = 8192, V = 151,936, H = 2048, bf16
-    python bench/kl_fused.py --small    # CPU smoke run: every schedule (no streams) against ours, torch KL
+    python bench/kl_fused.py --small    # tiny shapes: on a CPU, the one-stream schedules against ours (torch KL)
 
 A schedule (C, C_t, n_s, n_t, overlap) does what kernels/fused_linear_kl.py does, chunk by chunk, except that
   C      student rows per chunk: its logits, grad_h, and one grad_W accumulate of depth C (the accumulate reads and
@@ -39,7 +39,8 @@ GPU_SCHEDULES = [  # (C, C_t, n_s, n_t, overlap); extra GiB at V = 151,936, bf16
     (512, 128, 2, 2, True),     # 0.97: both
     (1024, 256, 1, 2, True),    # 1.05: over the target; how much overlap can give at depth 1024
 ]
-SMALL_SCHEDULES = [(16, 16, 1, 1, False), (32, 8, 1, 1, False), (16, 8, 1, 2, False), (16, 4, 2, 2, False)]
+SMALL_SCHEDULES = [(16, 16, 1, 1, False), (32, 8, 1, 1, False), (16, 8, 1, 2, False), (16, 4, 2, 2, False),
+                   (16, 4, 2, 2, True), (16, 4, 1, 2, True), (24, 5, 2, 1, True)]  # the overlapped ones on a GPU only
 
 
 def schedule_forward(h_s, w_s, h_t, w_t, C, C_t, n_s, n_t, overlap, rows_fn, side=None):
@@ -88,7 +89,8 @@ def schedule_forward(h_s, w_s, h_t, w_t, C, C_t, n_s, n_t, overlap, rows_fn, sid
                 loss += rows_fn(part, z_t, part, valid[a:b], count, TAU, True).sum()
             k = (k + 1) % n_t
         pending = lambda i=i, j=j, g=z_s: grads(i, j, g)  # noqa: E731
-    pending()
+    if pending:  # (T = 0 has no chunk)
+        pending()
     if overlap:
         main.wait_stream(side)
     return loss / count.clamp(min=1), grad_h, grad_w
@@ -119,8 +121,9 @@ def main():
     T, V, H, schedules = args.T, 151936, 2048, GPU_SCHEDULES
     if args.small or not cuda:
         T, V, H, schedules, args.reps = 64, 5000, 64, SMALL_SCHEDULES, 3
+    if not cuda:  # no second stream
+        schedules = [sc for sc in schedules if not sc[4]]
     rows_fn = kl_rows_triton if cuda and triton is not None else kl_rows_torch
-    side = torch.cuda.Stream() if cuda else None
     g = torch.Generator(device).manual_seed(0)
     h_s, h_t = (torch.randn(T, H, device=device, generator=g).to(dtype) for _ in range(2))
     w_s, w_t = ((torch.randn(V, H, device=device, generator=g) / H**0.5 * 4).to(dtype) for _ in range(2))
@@ -138,23 +141,40 @@ def main():
         hs.grad = ws.grad = None
         return out
 
-    fns = {"ours": ours} | {str(s): (lambda s=s: schedule_forward(h_s, w_s, h_t, w_t, *s, rows_fn, side))
-                            for s in schedules}
-    print(f"\n{name}, T {T}, {str(dtype)[6:]}, median of {args.reps}; error = max |x - ours| / max |ours|")
-    print(f"{'(C, C_t, n_s, n_t, overlap)':<32} {'ms':>8} {'x floor':>8} {'extra GiB':>10} {'loss err':>9} "
-          f"{'grad_h err':>10} {'grad_W err':>10}")
-    ref = None
-    for label, fn in fns.items():
-        out = fn()  # (loss, grad_h, grad_W); the first of three warm-ups (Triton compilation, cuBLAS heuristics)
-        ref = ref or out
-        errs = [((x.float() - r.float()).abs().max() / r.float().abs().max().clamp(min=1e-30)).item()
+    def run(sched, side=None):
+        return lambda: schedule_forward(h_s, w_s, h_t, w_t, *sched, rows_fn, side)
+
+    rows = [("ours", ours, None)]  # (label, fn, the same schedule on one stream: a race shows as a difference)
+    for sched in schedules:
+        if not sched[4]:
+            rows.append((str(sched), run(sched), None))
+        else:  # the KL's stream at default and at high priority (cuBLAS kernels may hold every SM until they end)
+            serial = run(sched[:4] + (False,))
+            rows.append((str(sched), run(sched, torch.cuda.Stream()), serial))
+            rows.append((str(sched) + " hi", run(sched, torch.cuda.Stream(priority=-1)), serial))
+
+    def error(out, ref):  # max |x - ref| / max |ref| of (loss, grad_h, grad_W)
+        return [((x.float() - r.float()).abs().max() / r.float().abs().max().clamp(min=1e-30)).item()
                 for x, r in zip(out, ref)]
+
+    print(f"\n{name}, T {T}, {str(dtype)[6:]}, median of {args.reps}; err = max |x - ours| / max |ours|; race = "
+          f"largest err of an overlapped call against the same schedule on one stream (0 expected)")
+    print(f"{'(C, C_t, n_s, n_t, overlap)':<32} {'ms':>8} {'x floor':>8} {'extra GiB':>10} {'loss err':>9} "
+          f"{'grad_h err':>10} {'grad_W err':>10} {'race':>8}")
+    ref = ours()
+    for label, fn, serial in rows:
+        out = fn()  # the first of three warm-ups (Triton compilation, cuBLAS heuristics)
+        errs = error(out, ref)
+        race = serial and max(error(out, serial()))
         del out
         fn(), fn()
         ms, extra = timed(fn, args.reps, cuda), peak_extra(fn, cuda)
+        if serial:  # and once more after the timed calls
+            race = max(race, *error(fn(), serial()))
         mem = "-" if extra is None else f"{extra:.2f}"
-        print(f"{label:<32} {ms:>8.2f} {ms / floor:>8.2f} {mem:>10} {errs[0]:>9.1e} {errs[1]:>10.1e} {errs[2]:>10.1e}",
-              flush=True)
+        race = "-" if serial is None else f"{race:.1e}"
+        print(f"{label:<32} {ms:>8.2f} {ms / floor:>8.2f} {mem:>10} {errs[0]:>9.1e} {errs[1]:>10.1e} {errs[2]:>10.1e} "
+              f"{race:>8}", flush=True)
 
 
 if __name__ == "__main__":
