@@ -1,8 +1,12 @@
 """
 Text games and the rollout engine: what the model plays, and how its play is recorded.
 
-Games (one interface: reset(seed) -> observation; step(action) -> observation, reward, done, info{'won'};
-solve() -> the shortest action list from the current state; valid_actions(); close()):
+Games share one interface (a new game is a dataclass with it, registered in ENVS):
+  name (ClassVar, its ENVS key) and instruction (ClassVar, the prompt's rules-free instruction); its settings are
+  its dataclass fields (plain int/float/bool/str: --game_options sets them), plus `seed` (the level);
+  reset(seed=None) -> observation (raise RuntimeError when the settings admit no level);
+  step(action) -> observation, reward, done, info{'won'}; solve() -> a winning action list from the current state
+  (None if there is none); valid_actions() -> the lower-case action strings; close().
 - FrozenLake and Sokoban: plain-Python versions of TextArena's FrozenLake-v0 and Sokoban-v0 (same boards
   and rules, checked move by move against TextArena in tests; messages close to its own). Levels come from a
   seed and are resampled until the BFS solver solves them (Sokoban: in 2 to 5 moves, so every level can be
@@ -31,6 +35,8 @@ import re
 import shutil
 import signal
 import tempfile
+import types
+import typing
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
@@ -76,6 +82,10 @@ def bfs(start, nxt, won, limit=200_000) -> list[str] | None:
 
 class Board:
     """What the two board games share: a level from text, its solution length, and the turn logic around move()."""
+    instruction: ClassVar[str] = (
+        "You are playing a game on a board. You are the player, shown as `P`. Reach the goal in as few steps as "
+        f"possible.\nAvailable actions: {VALID_MOVES}.\nWrap your final action in square brackets, e.g. [up]. Only "
+        "the last bracketed action in your reply counts.")
 
     def close(self):  # nothing to release (TextWorld closes its interpreter)
         pass
@@ -322,6 +332,11 @@ class TextWorldGame:
     """A generated TextWorld game: won when the quest is complete (a cooking game can also be lost). Valid actions
     are the game's admissible commands, listed after every observation."""
     name: ClassVar[str] = "textworld"
+    instruction: ClassVar[str] = (
+        "You are playing a text adventure game. Complete the task given in the observations in as few steps as "
+        "possible.\nActions are short text commands such as [go north], [take coin] or [open door]; the available "
+        "commands are listed after each observation.\nWrap your final action in square brackets, e.g. [look]. Only "
+        "the last bracketed action in your reply counts.")
     kind: str = "mix"  # coin_collector | treasure_hunter | cooking | mix (each level draws its kind from its seed)
     level: int = 2  # difficulty 1-3 (TW_LEVELS)
     seed: int | None = None  # the level; make_games sets it, reset() without a seed uses it
@@ -417,6 +432,23 @@ def first_observation(env) -> str:
     return obs
 
 
+def option_value(what: str, v, t):
+    """A JSON value v as a game option of type t, or ValueError: JSON gives 4.5, "4" or true where an int is meant.
+    A bool fits only a declared bool, an int a declared float (as a float); a type isinstance cannot check (a
+    list[int]) takes any value."""
+    declared = typing.get_args(t) if typing.get_origin(t) in (typing.Union, types.UnionType) else (t,)
+    if type(v) is int and float in declared and int not in declared:
+        return float(v)
+    try:
+        ok = bool in declared if isinstance(v, bool) else isinstance(v, t)
+    except TypeError:
+        return v
+    if not ok:
+        names = " | ".join("None" if d is type(None) else getattr(d, "__name__", str(d)) for d in declared)
+        raise ValueError(f"{what} must be {names}, got {v!r}")
+    return v
+
+
 def make_games(game: str, split: str, n: int, seed: int = 0, exclude=(), **options) -> list:
     """n games of a named, reproducible set. `train`: pass a fresh seed every round (e.g. the round number);
     `test`: the held-out levels (the paper uses 128, seed 0); `ood`: another disjoint set, meant for a game
@@ -429,12 +461,12 @@ def make_games(game: str, split: str, n: int, seed: int = 0, exclude=(), **optio
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     if not 0 <= n <= MAX_GAMES or seed < 0:
         raise ValueError(f"need 0 <= n <= {MAX_GAMES} and seed >= 0, got n={n}, seed={seed}")
-    types = {f.name: f.type for f in fields(ENVS[game]) if f.name != "seed"}
+    hints = typing.get_type_hints(ENVS[game])  # the fields' types, also where annotations are strings
+    names = [f.name for f in fields(ENVS[game]) if f.name != "seed"]
     for k, v in options.items():
-        if k not in types:
-            raise ValueError(f"{game} has no option {k!r}; its options: {', '.join(types)}")
-        if not isinstance(v, types[k]) or (isinstance(v, bool) and types[k] is not bool):  # JSON gives 4.5, "4", true
-            raise ValueError(f"{game} option {k!r} must be {getattr(types[k], '__name__', types[k])}, got {v!r}")
+        if k not in names:
+            raise ValueError(f"{game} has no option {k!r}; its options: {', '.join(names)}")
+        options[k] = option_value(f"{game} option {k!r}", v, hints[k])
     levels = [ENVS[game](**options, seed=level_seed(split, seed, i)) for i in range(n)]
     if not exclude:
         return levels
@@ -454,22 +486,11 @@ def make_games(game: str, split: str, n: int, seed: int = 0, exclude=(), **optio
 
 # ----------------------------------------------------------------------------- agent protocol
 
-INSTRUCTIONS = {
-    "grid": ("You are playing a game on a board. You are the player, shown as `P`. Reach the goal in as few "
-             f"steps as possible.\nAvailable actions: {VALID_MOVES}.\nWrap your final action in square brackets, "
-             "e.g. [up]. Only the last bracketed action in your reply counts."),
-    "textworld": ("You are playing a text adventure game. Complete the task given in the observations in as few "
-                  "steps as possible.\nActions are short text commands such as [go north], [take coin] or "
-                  "[open door]; the available commands are listed after each observation.\nWrap your final "
-                  "action in square brackets, e.g. [look]. Only the last bracketed action in your reply counts."),
-}
-
-
 def user_prompt(game: str, state: str, knowledge: str | None = None) -> str:
     """The single user message of a turn: instruction, optional knowledge, observation history."""
     if game not in ENVS:
         raise ValueError(f"unknown game {game!r}; choose from {', '.join(ENVS)}")
-    parts = [INSTRUCTIONS["textworld" if game == "textworld" else "grid"]]
+    parts = [ENVS[game].instruction]
     if knowledge:
         parts.append(f"{KNOWLEDGE_HEADING}\n{knowledge.strip()}")
     parts.append(f"## Game so far\n{state}\n\nWhat is your next action?")

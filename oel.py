@@ -3,7 +3,7 @@ Online Experiential Learning (OEL, arXiv 2603.16856): extraction, knowledge, dis
 
 The algorithm, round r = 0 .. R-1, starting from the model M_r (M_0 = the given checkpoint):
 1. Deploy: M_r plays `n_train` training games (fresh seeds every round) with no knowledge in its
-   prompt. Trajectories -> r{r}/deploy.jsonl. Nothing after this step touches an environment.
+   prompt. Trajectories -> r{r}/deploy.jsonl. Extraction and consolidation touch no environment.
 2. Extract: the extractor (M_r itself, or `extractor` for the consistency ablation) reads one
    trajectory at a time (every turn's observation and full output, and the result) plus, optionally,
    the knowledge so far, and writes 1-2 lessons on lines starting with `- EXPERIENCE ITEM:`. Only
@@ -74,14 +74,14 @@ import games
 import model as modeling
 from kernels import fused_linear_kl
 
-MARKER = "- EXPERIENCE ITEM:"
+MARKER = "- EXPERIENCE ITEM:"  # starts each lesson: one line each (parse_items, resume, the budget read lines)
 
 
 @dataclass
 class OELConfig:
     model: str = "Qwen/Qwen3-1.7B"  # checkpoint dir, Hub id, or 'tiny'
     out_dir: str = "runs/oel"  # everything of a run lands here
-    game: str = "frozenlake"  # frozenlake | sokoban | textworld
+    game: str = "frozenlake"  # a game of games.ENVS
     game_options: str = ""  # JSON settings of the game, e.g. '{"size": 4, "holes": 3}' ('' = the paper's)
     ood_game: str = "textworld"  # the out-of-distribution set
     rounds: int = 2  # R: rounds of deploy, extract, consolidate, evaluate
@@ -98,7 +98,7 @@ class OELConfig:
     extractor: str = ""  # optional separate extractor checkpoint (consistency ablation); '' = the model itself
     context: str = "knowledge"  # the teacher's context: extracted knowledge, or raw trajectories (the paper's ablation)
     K: int = 10  # independent accumulations (pool size)
-    n: int = 15  # trajectories read per accumulation (paper: 15 for 1.7B, 25 for 4B, 50 for 8B)
+    n: int = 15  # trajectories per accumulation (paper's code: 15 for 1.7B, 25 for 4B, 50 for 8B and 4B-Instruct)
     knowledge_budget: int = 2048  # tokens (paper: 2048 for the 1.7B model, 8192 for 4B/8B)
     show_knowledge: bool = False  # show the knowledge so far in the extraction prompt (paper: hidden for 1.7B only)
     extract_max_new_tokens: int = 2048  # tokens per extraction response (paper's code: the knowledge budget)
@@ -127,13 +127,29 @@ def game_settings(text):
     return settings
 
 
-def check_game(game, options, split="test"):
-    """Build and start a first level with these --game_options: bad JSON, unknown or mistyped options and impossible
-    boards raise ValueError now, before any work, instead of mid-run."""
+def check_game(game, options, split="test", flag="--game_options"):
+    """Build the first level of `split` with these options and win it with the game's own solver, through the action
+    parser, before any work: bad JSON, unknown or mistyped options and settings that admit no level (the message
+    names `flag`), and a solver or actions the rollouts could not play, raise ValueError now rather than mid-run."""
     try:
-        games.first_observation(games.make_games(game, split, 1, **game_settings(options))[0])
-    except (TypeError, RuntimeError) as e:  # a setting the game cannot take; no board found
-        raise ValueError(str(e)) from None
+        env = games.make_games(game, split, 1, **game_settings(options))[0]  # ValueError: JSON, names, types, values
+        env.reset()  # RuntimeError: no level with these settings (any other error is the game's bug: a traceback)
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"{flag} {options!r} for {game}: {e}") from None
+    try:
+        plan, info = env.solve(), {"won": False}
+        if not plan:
+            raise ValueError(f"{game}: the solver finds no way to win the first {split} level")
+        for a in plan:
+            action = games.parse_action(f"[{a}]", env.valid_actions())
+            if action != a:
+                raise ValueError(f"{game}: the solver's action {a!r} reads back from a reply as {action!r} (actions "
+                                 "are lower-case strings of valid_actions())")
+            info = env.step(action)[3]
+        if not info["won"]:
+            raise ValueError(f"{game}: the solver's plan does not win the first {split} level")
+    finally:
+        env.close()
 
 
 def atomic_write(path, text):
@@ -247,6 +263,7 @@ def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
     orders = accumulation_orders(cfg, r, len(trajs))
     n = len(orders[0])
     items = [[] for _ in range(cfg.K)]
+    made = cut = 0  # extraction responses generated
     for i in tqdm(range(1, n + 1), desc=f"round {r} extract", leave=False):
         paths = [os.path.join(kdir, f"r{r}_k{k}_{i}.md") for k in range(cfg.K)]
         if all(os.path.exists(p) for p in paths):  # resumed: this step is on disk
@@ -259,15 +276,16 @@ def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
         outs = modeling.generate(extractor, tok, prompts, max_new_tokens=cfg.extract_max_new_tokens,
                                  temperature=0.7, top_p=0.8, top_k=20,  # as RolloutConfig samples
                                  seed=seed_of(cfg.seed, r, "extract", i))
-        cut = sum(not o.stopped and modeling.THINK in o.text and modeling.END_THINK not in o.text for o in outs)
-        if cut:  # strip_thinking leaves nothing of these: no lessons
-            tqdm.write(f"round {r} | warning: {cut} of {len(outs)} extraction responses ran out of tokens inside "
-                       "a think block; raise --extract_max_new_tokens" + (", or use a non-thinking mode" if cfg.thinking
-                                                                          else ""))
+        made += len(outs)
+        cut += sum(not o.stopped and modeling.THINK in o.text and modeling.END_THINK not in o.text for o in outs)
         for k, out in enumerate(outs):
             new = [it for it in parse_items(out.text) if it not in items[k]]
             items[k] = trim_knowledge(items[k] + new, tok, cfg.knowledge_budget)
             atomic_write(paths[k], "\n".join(items[k]) + "\n")
+    if cut:
+        print(f"round {r} | warning: {cut} of {made} extraction responses ran out of tokens inside a think block (no "
+              "lessons from them); raise --extract_max_new_tokens" + (", or use a non-thinking mode" if cfg.thinking
+                                                                      else ""))
     return ["\n".join(it) for it in items]
 
 
@@ -563,7 +581,8 @@ def check_resume(cfg):
     if not os.path.exists(path) or not made:
         return
     old = json.load(open(path))
-    diff = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and not same_setting(k, old.get(k, v), v, cfg.game)]
+    old = {k: old.get(k, getattr(OELConfig, k)) for k in asdict(cfg)}  # a setting newer than the run: its default
+    diff = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and not same_setting(k, old[k], v, cfg.game)]
     if diff:
         raise SystemExit(f"error: {cfg.out_dir} holds a run made with other settings ({', '.join(diff)}); "
                          "rerun with the same flags to resume it, or pass a new --out_dir")

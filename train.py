@@ -62,6 +62,7 @@ def parse_args(argv=None):
     for f in dataclasses.fields(oel.OELConfig):
         kind = {bool: parse_bool, bool | None: parse_bool_or_none}.get(f.type, type(f.default))
         p.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
+                       choices=list(games.ENVS) if f.name in ("game", "ood_game") else None,
                        help=f"{helps.get(f.name, '')} (default: {f.default})")
     given = vars(p.parse_args(argv))  # only the flags given (--thinking none included)
     preset = TINY if given.get("model") == "tiny" else {}
@@ -104,7 +105,7 @@ def check_settings(cfg):
     try:
         oel.check_game(cfg.game, cfg.game_options)
     except ValueError as e:
-        raise SystemExit(f"error: --game_options {cfg.game_options!r} for {cfg.game}: {e}") from None
+        raise SystemExit(f"error: {e}") from None
 
 
 def check_checkpoints(cfg):

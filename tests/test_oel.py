@@ -1,12 +1,14 @@
 import json
 import math
 import os
+import re
 import fcntl
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -350,12 +352,16 @@ def test_ctrl_c_while_textworld_generates_leaves_no_workers(tmp_path):
     assert not session_processes(proc.pid)
 
 
-def test_train_rejects_bad_settings(tmp_path):
+def test_train_rejects_bad_settings(tmp_path, capsys):
     """Impossible settings and missing checkpoints fail early with a message naming the problem."""
     with pytest.raises(SystemExit, match="--steps must be >= 1"):
         train.check(train.parse_args(["--model", "tiny", "--steps", "0"]))
-    with pytest.raises(SystemExit, match="unknown game 'chess'"):
-        train.check(train.parse_args(["--model", "tiny", "--game", "chess"]))
+    for flag in ("--game", "--ood_game"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--model", "tiny", flag, "chess"])
+        assert "invalid choice: 'chess' (choose from 'frozenlake', 'sokoban', 'textworld')" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown game 'chess'"):  # an OELConfig built in code
+        train.check(oel.OELConfig(model="tiny", game="chess"))
     with pytest.raises(SystemExit, match="no config.json"):
         train.check(train.parse_args(["--model", str(tmp_path)]))
     with pytest.raises(SystemExit, match="--extractor 'no/such/thing/here' is not a checkpoint"):
@@ -375,7 +381,7 @@ def test_train_rejects_bad_settings(tmp_path):
     with pytest.raises(SystemExit, match="--context must be 'knowledge' or 'raw'"):
         train.check_settings(train.parse_args(["--model", "tiny", "--context", "raws"]))
     with pytest.raises(SystemExit, match="unknown game 'chess'"):
-        train.check_settings(train.parse_args(["--model", "tiny", "--ood_game", "chess"]))
+        train.check_settings(oel.OELConfig(model="tiny", ood_game="chess"))
     with pytest.raises(SystemExit):
         train.parse_args(["--thinking", "maybe"])
     with pytest.raises(SystemExit, match="--game_options"):
@@ -429,6 +435,70 @@ def test_resume_compares_settings_by_meaning(tmp_path, monkeypatch):
     oel.check_resume(oel.OELConfig(model="./ck", out_dir="run", game_options='{ "size":4, "holes": 2 }'))
     with pytest.raises(SystemExit, match=r"other settings \(game_options\)"):
         oel.check_resume(oel.OELConfig(model="ck", out_dir="run", game_options='{"size": 5}'))
+    old = oel.asdict(cfg)
+    del old["topk"]  # a run made before a setting existed ran with its default
+    oel.atomic_write(tmp_path / "run" / "config.json", json.dumps(old))
+    oel.check_resume(oel.OELConfig(model="ck", out_dir="run", game_options='{"size": 4}'))
+    with pytest.raises(SystemExit, match=r"other settings \(topk\)"):
+        oel.check_resume(oel.OELConfig(model="ck", out_dir="run", game_options='{"size": 4}', topk=256))
+
+
+@dataclass
+class Line:
+    """A game a fork might add: walk right along a line to its end. Annotations as strings, as under
+    `from __future__ import annotations`."""
+    name: ClassVar[str] = "line"
+    instruction: ClassVar[str] = "Walk to the end. Wrap your action in square brackets, e.g. [right]."
+    length: "int" = 3
+    slip: "float | None" = None  # unused: an option typed float
+    seed: "int | None" = None
+
+    def reset(self, seed=None):
+        if self.length < 2:
+            raise RuntimeError("no level: length must be >= 2")
+        self.pos, self.done = 0, False
+        return self.observation()
+
+    def observation(self):
+        return "".join("P" if i == self.pos else "." for i in range(self.length))
+
+    def step(self, action):
+        self.pos += action == "right"
+        self.done = self.pos == self.length - 1
+        return self.observation(), float(self.done), self.done, {"won": self.done}
+
+    def solve(self):
+        return ["right"] * (self.length - 1 - self.pos)
+
+    def valid_actions(self):
+        return {"right", "wait"}
+
+    def close(self):
+        pass
+
+
+def test_a_new_game_gets_its_instruction_options_and_checks(monkeypatch):
+    """A game registered in games.ENVS gets its own instruction, its options typed from its annotations (an int
+    JSON value sets a float), and check_game plays its first level with its solver through the action parser."""
+    for name, cls in games.ENVS.items():
+        assert cls.name == name and "square brackets" in cls.instruction
+    monkeypatch.setitem(games.ENVS, "line", Line)
+    assert games.user_prompt("line", "P..").startswith(Line.instruction)
+    g = games.make_games("line", "test", 2, length=4, slip=0)
+    assert [(x.length, x.slip, type(x.slip)) for x in g] == [(4, 0.0, float)] * 2
+    with pytest.raises(ValueError, match=re.escape("option 'slip' must be float | None, got '0'")):
+        games.make_games("line", "test", 1, slip="0")
+    oel.check_game("line", '{"length": 5, "slip": 1}')
+    with pytest.raises(ValueError, match=re.escape("""--options '{"length": 1}' for line: no level: length must be""")):
+        oel.check_game("line", '{"length": 1}', flag="--options")
+    bad = {"finds no way to win": dict(solve=lambda self: None),
+           "does not win the first test level": dict(solve=lambda self: ["wait"]),
+           "the solver's action 'Right' reads back from a reply as None": dict(
+               solve=lambda self: ["Right"] * 2, valid_actions=lambda self: {"Right"})}
+    for match, methods in bad.items():
+        monkeypatch.setitem(games.ENVS, "line", type("Broken", (Line,), methods))
+        with pytest.raises(ValueError, match=match):
+            oel.check_game("line", "")
 
 
 def test_extract_pool_accumulates_saves_versions_and_resumes(tiny, tmp_path, monkeypatch):
@@ -472,17 +542,18 @@ def test_extract_pool_accumulates_saves_versions_and_resumes(tiny, tmp_path, mon
 
 
 def test_extraction_warns_when_thinking_is_cut_off(tiny, tmp_path, monkeypatch, capsys):
-    """Responses that hit the token limit inside a think block give no lessons, and the run says why."""
+    """Responses that hit the token limit inside a think block give no lessons, and the run says why, once a round."""
     _, tok = tiny
     cut = modeling.Completion([], f"{modeling.THINK}\nlet me think about", [], False)
     done = modeling.Completion([], f"{modeling.THINK}x{modeling.END_THINK}\n{oel.MARKER} a lesson", [], True)
     monkeypatch.setattr(oel.modeling, "generate", lambda m, tok, prompts, **kw: [cut, done][:len(prompts)])
     for thinking in (True, False):
-        cfg = oel.OELConfig(K=2, n=1, thinking=thinking)
-        pool = oel.extract_pool(None, tok, [fake_trajectory(0)], cfg, str(tmp_path / str(thinking)), r=0)
+        cfg = oel.OELConfig(K=2, n=2, thinking=thinking)
+        trajs = [fake_trajectory(0), fake_trajectory(1)]
+        pool = oel.extract_pool(None, tok, trajs, cfg, str(tmp_path / str(thinking)), r=0)
         assert pool == ["", f"{oel.MARKER} a lesson"]
         out = capsys.readouterr().out
-        assert "1 of 2 extraction responses ran out of tokens inside a think block" in out
+        assert out.count("warning") == 1 and "2 of 4 extraction responses ran out of tokens inside a think block" in out
         assert ("non-thinking mode" in out) == thinking  # advised only when thinking is on
 
 
