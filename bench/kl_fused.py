@@ -11,8 +11,8 @@ A schedule (C, C_t, n_s, n_t, overlap) does what kernels/fused_linear_kl.py does
   C_t    teacher rows per sub-chunk: the teacher's logits and the KL kernel run per sub-chunk, so the teacher's
          buffer is C_t rows rather than C
   n_s, n_t  student and teacher buffers in rotation
-  overlap   the KL kernel runs on a second stream: beside the next teacher matmul when n_t = 2, and beside the
-         next chunk's student logits when n_s = 2 (their grad_h and grad_W wait for it)
+  overlap   the KL kernel runs on a second stream: beside the next teacher matmul when n_t = 2; with n_s = 2 also
+         beside the next chunk's student logits, and the previous chunk's grad_h and grad_W beside a chunk's first KL
 Extra memory: (n_s C + n_t C_t) V b bytes of buffers, plus grad_W and grad_h (0.65 GB); the target is 1 GiB.
 Ours is (512, 512, 1, 1, no overlap). The profile that motivates this is in bench/RESULTS.md (2026-11-26): the
 grad_W accumulate ran at 59% of the matmul rate, and the KL kernel (4.6 ms) ran after the matmuls, not beside them.
@@ -35,7 +35,7 @@ GPU_SCHEDULES = [  # (C, C_t, n_s, n_t, overlap); extra GiB at V = 151,936, bf16
     (1024, 256, 1, 1, False),   # 0.97: grad_W accumulates of depth 1024 under 1 GiB
     (1024, 128, 1, 2, True),    # 0.97: and the KL beside the next teacher matmul
     (512, 256, 1, 2, True),     # 0.90
-    (512, 256, 2, 1, True),     # 0.97: the KL's last sub-chunk beside the next chunk's student logits
+    (512, 256, 2, 1, True),     # 0.97: the KL beside the next chunk's student logits and the last chunk's grads
     (512, 128, 2, 2, True),     # 0.97: both
     (1024, 256, 1, 2, True),    # 1.05: over the target; how much overlap can give at depth 1024
 ]
@@ -56,24 +56,22 @@ def schedule_forward(h_s, w_s, h_t, w_t, C, C_t, n_s, n_t, overlap, rows_fn, sid
     t_free = [None] * n_t  # per teacher buffer: an event recorded when the KL kernel has read it
     k = 0  # the teacher buffer to fill next
 
-    def grads(i, j, g):  # grad_h and grad_W of rows i:j, once the KL kernel has written g
-        if overlap:
-            main.wait_stream(side)
+    def grads(i, j, g, kl_done):  # grad_h and grad_W of rows i:j, once the KL kernel has written g
+        if kl_done is not None:
+            main.wait_event(kl_done)
         torch.mm(g, w_s, out=grad_h[i:j])
         if i == 0:
             torch.mm(g.t(), h_s[i:j], out=grad_w)
         else:
             grad_w.addmm_(g.t(), h_s[i:j])
 
-    pending = None  # the previous chunk's grads: issued after this chunk's student logits when they have a buffer
+    pending = None  # the previous chunk's grads; with two student buffers, issued beside this chunk's first KL
     for c, i in enumerate(range(0, T, C)):
         j = min(i + C, T)
         if pending and n_s == 1:  # the student logits overwrite the previous chunk's gradient
             pending()
             pending = None
         z_s = torch.mm(h_s[i:j], w_s.t(), out=S[c % n_s][:j - i])
-        if pending:
-            pending()
         for a in range(i, j, C_t):
             b = min(a + C_t, j)
             if t_free[k] is not None:
@@ -81,14 +79,18 @@ def schedule_forward(h_s, w_s, h_t, w_t, C, C_t, n_s, n_t, overlap, rows_fn, sid
             z_t = torch.mm(h_t[a:b], w_t.t(), out=Tb[k][:b - a])
             part = z_s[a - i:b - i]  # the gradient overwrites it
             if overlap:
-                side.wait_stream(main)
+                side.wait_event(main.record_event())  # z_s and z_t are written (not: what main does after)
                 with torch.cuda.stream(side):
                     loss += rows_fn(part, z_t, part, valid[a:b], count, TAU, True).sum()
                     t_free[k] = side.record_event()
             else:
                 loss += rows_fn(part, z_t, part, valid[a:b], count, TAU, True).sum()
             k = (k + 1) % n_t
-        pending = lambda i=i, j=j, g=z_s: grads(i, j, g)  # noqa: E731
+            if pending:
+                pending()
+                pending = None
+        kl_done = side.record_event() if overlap else None
+        pending = lambda i=i, j=j, g=z_s, e=kl_done: grads(i, j, g, e)  # noqa: E731
     if pending:  # (T = 0 has no chunk)
         pending()
     if overlap:
