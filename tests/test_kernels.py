@@ -79,6 +79,32 @@ def test_kl_realistic_vocab(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_kl_strided_inputs(impl):
+    """Views of padded logits (rows strided differently for student and teacher, as slicing a padded vocabulary gives)
+    and a column-strided student give the float64 loss and gradient; the padding gets no gradient."""
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(5, 316, generator=g) * 4)[:, :300]  # row stride 316
+    padded = (torch.randn(5, 308, generator=g) * 4).requires_grad_()
+    loss = KL[impl](padded[:, :300], t, None, 0.7)  # row stride 308
+    loss.backward()
+    loss64, grad64 = loss_and_grad(kl64, padded.detach()[:, :300], t, None, 0.7)
+    assert abs(loss.item() - loss64) / loss64 < 1e-5 and rel(padded.grad[:, :300], grad64) < 1e-5
+    assert not padded.grad[:, 300:].any()
+    s = logits(300, 5, torch.float32)[0].t()  # [5, 300], strides (1, 5)
+    loss, grad = loss_and_grad(KL[impl], s, t, None, 0.7)
+    loss64, grad64 = loss_and_grad(kl64, s, t, None, 0.7)
+    assert abs(loss - loss64) / loss64 < 1e-5 and rel(grad, grad64) < 1e-5
+
+
+def test_kl_torch_path_spans_its_row_chunks():
+    """The torch path works through ~8M elements at a time: 10 rows of V = 10^6 take two chunks, both right."""
+    s, t = logits(10, 1_000_000, torch.float32, scale=1.0)
+    loss, grad = loss_and_grad(KL["torch"], s, t, None, 0.7)
+    loss64, grad64 = loss_and_grad(kl64, s, t, None, 0.7)
+    assert abs(loss - loss64) / loss64 < 1e-5 and rel(grad, grad64) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_kl_identical_inputs_zero(impl):
     """KL(p || p) is zero with zero gradient, both directions."""
     s, _ = logits(5, 1000, torch.float32)
@@ -177,6 +203,28 @@ def test_no_grad_mode_skips_the_gradient(monkeypatch):
         assert calls[0] is False and calls[-1] is True
 
 
+def test_impl_picks_the_path_and_chunks_are_as_asked(monkeypatch):
+    """impl='triton' runs the Triton kernel, 'torch' the torch rows, None on CPU tensors the torch rows; the fused
+    path makes one KL call per chunk of chunk_size tokens; its torch backward needs no Triton kernel."""
+    fused_module = sys.modules["kernels.fused_linear_kl"]
+    s, t = logits(3, 40, torch.float32)
+    h_s, w_s, h_t, w_t = linear_inputs(11, 8, 40, torch.float32, tied=False)
+    for module, call in ((kernels.kl, lambda impl: kl_div(s, t, impl=impl)),
+                         (fused_module, lambda impl: fused_linear_kl(h_s, w_s, h_t, w_t, impl=impl))):
+        calls = record_rows_fn(monkeypatch, module)
+        call("triton")
+        assert calls == []
+        call("torch")
+        call(None)
+        assert len(calls) == 2
+    calls = record_rows_fn(monkeypatch, fused_module)
+    fused_linear_kl(h_s, w_s, h_t, w_t, impl="torch", chunk_size=4)
+    assert len(calls) == 3  # 4 + 4 + 3 tokens
+    monkeypatch.setattr(kernels.kl, "_scale_kernel", None)
+    (fused_linear_kl_reference(h_s, w_s, h_t, w_t, None, 0.7, chunk_size=4) * 2.5).backward()
+    assert h_s.grad is not None
+
+
 def test_bad_arguments_raise_and_masks_are_boolean():
     """An unknown impl and a non-positive temperature raise; a 0/1 mask of any dtype counts rows, not values;
     second-order gradients are refused rather than silently zero."""
@@ -206,6 +254,7 @@ def linear_inputs(T, H, V, dtype, tied, seed=0):
     return [x.to(dtype).requires_grad_() for x in (h_s, w_s, h_t)] + [w_t]
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # e.g. torch resizing a too-long last chunk's out= tensor
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("tied", [True, False])
 def test_fused_linear_matches_logits_path(impl, tied):
@@ -319,6 +368,10 @@ def test_bad_inputs_raise(impl):
         FUSED[impl](h_s, w_s, h_t, w_t[:48])
     with pytest.raises(ValueError, match="shapes do not match"):
         FUSED[impl](h_s, w_s, h_t[:3], w_t)
+    with pytest.raises(ValueError, match="shapes do not match"):  # the hidden size, before torch.mm would fail
+        FUSED[impl](h_s[:, :15], w_s, h_t, w_t)
+    with pytest.raises(TypeError, match="float16"):
+        FUSED[impl](h_s.half(), w_s.half(), h_t.half(), w_t.half())
 
 
 def test_default_chunk_fits_1gib():
