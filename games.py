@@ -457,6 +457,8 @@ def make_games(game: str, split: str, n: int, seed: int = 0, exclude=(), **optio
     leave out (e.g. the test set's); a level that shows one is replaced by the set's next level seed."""
     if game not in ENVS:
         raise ValueError(f"unknown game {game!r}; choose from {', '.join(ENVS)}")
+    if ENVS[game].name != game:  # trajectories carry the name, and later prompts are rebuilt from it
+        raise ValueError(f"games.ENVS[{game!r}] is {ENVS[game].__name__}, whose name is {ENVS[game].name!r}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     if not 0 <= n <= MAX_GAMES or seed < 0:

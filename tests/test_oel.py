@@ -495,6 +495,9 @@ def test_a_new_game_gets_its_instruction_options_and_checks(monkeypatch):
            "does not win the first test level": dict(solve=lambda self: ["wait"]),
            "the solver's action 'Right' reads back from a reply as None": dict(
                solve=lambda self: ["Right"] * 2, valid_actions=lambda self: {"Right"})}
+    monkeypatch.setitem(games.ENVS, "line2", type("Line2", (Line,), {}))  # a variant that kept its parent's name
+    with pytest.raises(ValueError, match="games.ENVS\\['line2'\\] is Line2, whose name is 'line'"):
+        games.make_games("line2", "test", 1)
     for match, methods in bad.items():
         monkeypatch.setitem(games.ENVS, "line", type("Broken", (Line,), methods))
         with pytest.raises(ValueError, match=match):
