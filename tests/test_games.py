@@ -1,6 +1,7 @@
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 
@@ -153,6 +154,7 @@ def test_clear_errors(monkeypatch):
 
     @dataclass
     class Slippery(FrozenLake):
+        name: ClassVar[str] = "slippery"
         slippery: bool = False
 
     monkeypatch.setitem(games.ENVS, "slippery", Slippery)
