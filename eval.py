@@ -89,7 +89,7 @@ def check_args(p, a):
     if a.out and not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
         p.error(f"--out {a.out}: its folder does not exist")
     try:
-        oel.check_game(a.game, a.options, a.split, "--options")
+        oel.check_game(a.game, a.options, a.max_turns, a.split, "--options")
     except ValueError as e:
         p.error(str(e))
     return None if a.mode == "none" else read_context(a.mode, a.context)

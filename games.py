@@ -3,7 +3,7 @@ Text games and the rollout engine: what the model plays, and how its play is rec
 
 Games share one interface (a new game is a dataclass with it, registered in ENVS):
   name (ClassVar, its ENVS key) and instruction (ClassVar, the prompt's rules-free instruction); its settings are
-  its dataclass fields (plain int/float/bool/str: --game_options sets them), plus `seed` (the level);
+  its dataclass fields (typed: --game_options sets them from JSON), plus `seed` (the level);
   reset(seed=None) -> observation (raise RuntimeError when the settings admit no level);
   step(action) -> observation, reward, done, info{'won'}; solve() -> a winning action list from the current state
   (None if there is none); valid_actions() -> the lower-case action strings; close().
@@ -457,8 +457,6 @@ def make_games(game: str, split: str, n: int, seed: int = 0, exclude=(), **optio
     leave out (e.g. the test set's); a level that shows one is replaced by the set's next level seed."""
     if game not in ENVS:
         raise ValueError(f"unknown game {game!r}; choose from {', '.join(ENVS)}")
-    if ENVS[game].name != game:  # trajectories carry the name, and later prompts are rebuilt from it
-        raise ValueError(f"games.ENVS[{game!r}] is {ENVS[game].__name__}, whose name is {ENVS[game].name!r}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     if not 0 <= n <= MAX_GAMES or seed < 0:

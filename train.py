@@ -34,7 +34,7 @@ import oel
 
 # --model tiny: sizes that run the whole loop on a CPU in minutes (flags given explicitly still win)
 TINY = dict(out_dir="runs/tiny", n_train=8, n_test=8, n_ood=2, K=2, n=4, knowledge_budget=256, steps=4,
-            batch_size=4, micro_batch=4, max_new_tokens=32, extract_max_new_tokens=32, max_turns=3, save_every=2)
+            batch_size=4, micro_batch=4, max_new_tokens=32, extract_max_new_tokens=32, max_turns=4, save_every=2)
 
 
 def field_help():
@@ -103,7 +103,7 @@ def check_settings(cfg):
         if g not in games.ENVS:
             raise SystemExit(f"error: unknown game {g!r}; choose from {', '.join(games.ENVS)}")
     try:
-        oel.check_game(cfg.game, cfg.game_options)
+        oel.check_game(cfg.game, cfg.game_options, cfg.max_turns)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
