@@ -132,8 +132,8 @@ def check_game(game, options, max_turns, split="test", flag="--game_options"):
     through the action parser. A game registered wrongly, bad JSON, unknown or mistyped options, settings that admit
     no level (the message names `flag`), and a solver or actions the rollouts could not play raise ValueError now
     rather than mid-run; a level longer than max_turns is warned of (it cannot be won)."""
-    cls = games.ENVS[game]
-    if getattr(cls, "name", None) != game or not isinstance(getattr(cls, "instruction", None), str):
+    cls = games.ENVS.get(game)  # (an unknown game: make_games says so)
+    if cls and (getattr(cls, "name", None) != game or not isinstance(getattr(cls, "instruction", None), str)):
         raise ValueError(f"games.ENVS[{game!r}] is {cls.__name__}: it needs name = {game!r} (trajectories carry it, "
                          "and consolidation rebuilds prompts from it) and an instruction string (see games.py)")
     try:
