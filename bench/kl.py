@@ -108,18 +108,24 @@ def run_method(fn, inputs, reps, cuda):
         fn(*inputs).backward()
     for _ in range(3):  # warm-up: Triton / inductor compilation, cuBLAS heuristics
         step()
-    extra = None
-    if cuda:
-        for x in inputs:
-            x.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        extra = (torch.cuda.max_memory_allocated() - base) / 2**30
+    for x in inputs:
+        x.grad = None  # not counted in the base
+    extra = peak_extra(step, cuda) if cuda else None
     return timed(step, reps, cuda), extra
+
+
+def peak_extra(fn, cuda):
+    """Peak memory above what was allocated before fn(), in GiB (None on a CPU)."""
+    if not cuda:
+        fn()
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def copy_bandwidth(device, cuda, nbytes):

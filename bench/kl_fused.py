@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kl import TAU, matmul_rate, timed  # noqa: E402  (bench/kl.py)
+from kl import TAU, matmul_rate, peak_extra, timed  # noqa: E402  (bench/kl.py)
 from kernels import fused_linear_kl  # noqa: E402
 from kernels.kl import flat_mask, kl_rows_torch, kl_rows_triton, triton  # noqa: E402
 
@@ -96,20 +96,6 @@ def schedule_forward(h_s, w_s, h_t, w_t, C, C_t, n_s, n_t, overlap, rows_fn, sid
     if overlap:
         main.wait_stream(side)
     return loss / count.clamp(min=1), grad_h, grad_w
-
-
-def peak_extra(fn, cuda):
-    """Peak memory above what was allocated before fn(), in GiB (None on a CPU)."""
-    if not cuda:
-        fn()
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def main():
