@@ -96,9 +96,13 @@ def check_args(p, a):
 
 
 def default_out(model, what):
-    """Results of a checkpoint folder go beside it (runs/oel/r1/model -> runs/oel/r1/eval_*.json); others here."""
+    """Results of a checkpoint folder go beside it, named after it unless it is a run's `model` folder
+    (runs/oel/r1/model -> runs/oel/r1/eval_*.json, ckpts/a -> ckpts/eval_a_*.json: sibling checkpoints do not
+    overwrite each other's); a Hub id's or tiny's go here."""
     if os.path.isdir(model) and model != "tiny":
-        return os.path.join(os.path.dirname(os.path.abspath(model)), f"eval_{what}.json")
+        folder = Path(model).resolve()
+        name = "" if folder.name == "model" else f"{folder.name}_"
+        return str(folder.parent / f"eval_{name}{what}.json")
     return f"eval_{model.replace('/', '--')}_{what}.json"
 
 
@@ -146,13 +150,13 @@ def main(argv=None):
     p.add_argument("--budget", type=int, help="token budget of the context (default: knowledge_budget of the run "
                    "folder holding --context, else OELConfig's)")
     p.add_argument("--thinking", type=parse_bool_or_none, default=argparse.SUPPRESS,
-                   help="true | false | none (instruct models); default: the mode of the run that made --model, "
-                   f"else {oel.OELConfig.thinking}, as train.py")
+                   help="true | false | none (instruct models); default: as for --game")
     p.add_argument("--max_turns", type=int, default=argparse.SUPPRESS)
     p.add_argument("--max_new_tokens", type=int, default=argparse.SUPPRESS)
     p.add_argument("--out", help="result JSON (default: eval_<game>[-<option><value>...]_<split>_n<n>_s<seed>_<chat>"
-                   "[_t<max_turns>][_m<max_new_tokens>]_<mode>[_<context>].json beside a checkpoint folder (options "
-                   "and limits named when not the defaults), else the same with the model's name, here)")
+                   "[_t<max_turns>][_m<max_new_tokens>]_<mode>[_<context>].json beside a checkpoint folder, with the "
+                   "folder's name after eval_ unless it is a run's model folder (options and limits named when not "
+                   "the defaults), else the same with the model's name, here)")
     p.add_argument("--plot", metavar="RUN_DIR", help="only write RUN_DIR/metrics.png")
     a = p.parse_args(argv)
     if a.plot:

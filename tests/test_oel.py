@@ -3,10 +3,12 @@ import math
 import os
 import re
 import fcntl
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -369,10 +371,11 @@ def test_train_rejects_bad_settings(tmp_path, capsys):
         train.resolve_model("no/such/thing/here", "--extractor")
     with pytest.raises(SystemExit, match="not a checkpoint directory"):
         train.resolve_model("no/such/thing/here")
+    out = ["--out_dir", str(tmp_path / "run")]  # the disk check makes the folder
     modeling.save(*modeling.load("tiny"), tmp_path / "ck")
     with pytest.raises(SystemExit, match="more than the model's context"):
-        train.check(train.parse_args(["--model", str(tmp_path / "ck"), "--knowledge_budget", "100000"]))
-    short = ["--max_turns", "1", "--max_new_tokens", "64", "--extract_max_new_tokens", "64"]  # ~640 tokens besides
+        train.check(train.parse_args(["--model", str(tmp_path / "ck"), "--knowledge_budget", "100000", *out]))
+    short = ["--max_turns", "1", "--max_new_tokens", "64", "--extract_max_new_tokens", "64", *out]  # ~640 tokens besides
     train.check(train.parse_args(["--model", str(tmp_path / "ck"), "--knowledge_budget", "7000", *short]))
     with pytest.raises(SystemExit, match="more than the model's context"):  # the budget counts
         train.check(train.parse_args(["--model", str(tmp_path / "ck"), "--knowledge_budget", "8000", *short]))
@@ -423,6 +426,74 @@ def test_train_flags_reach_the_config():
     assert train.parse_args(["--thinking", "false"]).thinking is False and train.parse_args([]).thinking is True
     cfg = train.parse_args(["--model", "tiny", "--steps", "7", "--lr", "0.5", "--game_options", '{"size": 4}'])
     assert (cfg.steps, cfg.lr, cfg.game_options, cfg.K) == (7, 0.5, '{"size": 4}', train.TINY["K"])
+    assert train.parse_args([]) == oel.OELConfig()  # the tiny preset is for the tiny model only
+    assert train.parse_args(["--model", "Qwen/Qwen3-4B"]) == oel.OELConfig(model="Qwen/Qwen3-4B")
+    assert train.parse_args(["--model", "tiny"]) == oel.OELConfig(**{**train.TINY, "model": "tiny"})
+    assert [train.parse_bool(s) for s in ("1", "0", "TRUE", "False")] == [True, False, True, False]
+    assert [train.parse_bool_or_none(s) for s in ("None", "1", "0")] == [None, True, False]
+
+
+def test_train_rejects_every_count_below_one_and_sets_beyond_max_games():
+    """Each count that a run divides by or loops over is checked (not only --steps); every game set is capped."""
+    for name in ("rounds", "K", "n", "n_train", "n_test", "rollout_batch", "steps", "batch_size", "micro_batch",
+                 "max_turns", "max_new_tokens", "extract_max_new_tokens", "knowledge_budget", "save_every"):
+        with pytest.raises(SystemExit, match=f"error: --{name} must be >= 1, got 0"):
+            train.check_settings(train.parse_args(["--model", "tiny", f"--{name}", "0"]))
+    for flag in ("--n_train", "--n_test", "--n_ood"):
+        with pytest.raises(SystemExit, match="must be <= 10000"):
+            train.check_settings(train.parse_args(["--model", "tiny", flag, "10001"]))
+        train.check_settings(train.parse_args(["--model", "tiny", flag, "10000"]))  # the limit itself is fine
+
+
+def test_train_checkpoint_checks_count_memory_disk_and_tokens(tmp_path, monkeypatch):
+    """num_params counts a model's parameters (tied or not); the GPU-memory check allows for --offload_optimizer, the
+    disk check for every round's checkpoint, the context check for the extraction response; a corrupt weights file
+    is a one-line error; a name that is no directory and no owner/name Hub id is never fetched."""
+    m, tok = modeling.load("tiny")
+    for tie in (True, False):
+        mc = replace(m.config, tie_word_embeddings=tie)
+        with torch.device("meta"):
+            n = sum(p.numel() for p in modeling.Transformer(mc).parameters())
+        assert abs(train.num_params(mc) - n) <= 0.01 * n  # only the norms are left out
+    modeling.save(m, tok, tmp_path / "ck")
+    P = train.num_params(m.config)
+    args = ["--model", str(tmp_path / "ck"), "--out_dir", str(tmp_path / "run"), "--knowledge_budget", "7000",
+            "--max_turns", "1", "--max_new_tokens", "64"]  # ~7,640 tokens with a 64-token extraction response
+    with pytest.raises(SystemExit, match="more than the model's context"):  # 7000 + 576 + 700 > 8192
+        train.check(train.parse_args(args + ["--extract_max_new_tokens", "700"]))
+    args += ["--extract_max_new_tokens", "64"]
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=30 * P))
+    train.check(train.parse_args(args + ["--rounds", "1"]))  # 4 bytes a parameter per round + 24: 28 < 30
+    with pytest.raises(SystemExit, match="GiB free; the run needs"):  # 32 > 30
+        train.check(train.parse_args(args + ["--rounds", "2"]))
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=2**50))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=16 * P))
+    with pytest.raises(SystemExit, match=re.escape("this GPU has less (--offload_optimizer true needs 12 bytes")):
+        train.check(train.parse_args(args))  # 20 bytes a parameter > 16
+    train.check(train.parse_args(args + ["--offload_optimizer", "true"]))  # 12 < 16
+    monkeypatch.undo()
+    shutil.copytree(tmp_path / "ck", tmp_path / "bad")
+    (tmp_path / "bad" / "model.safetensors").write_bytes(b"garbage!" * 10)
+    with pytest.raises(SystemExit, match=re.escape(f"error: --model {tmp_path / 'bad'}: ")):
+        train.check_checkpoint("--model", str(tmp_path / "bad"))
+    for name in ("no-such-dir", "./no/such", "/no-such"):  # a typo'd local path is not sent to the Hub
+        with pytest.raises(SystemExit, match="is not a checkpoint directory, 'tiny', or a Hub id"):
+            train.resolve_model(name)
+
+
+def test_summary_and_ctrl_c_handler():
+    """The summary's first row is the base model, round 0 is round 0, a run without an OOD set shows nan; the Ctrl-C
+    handler is only in place inside its block (eval.main and train.main can be called from Python)."""
+    rows = [{"round": -1, "test_pass_rate": 0.25, "test_tokens_per_turn": 10.0, "test_mean_steps": 3.0},
+            {"round": 0, "test_pass_rate": 0.5, "test_tokens_per_turn": 8.0, "test_mean_steps": 2.0}]
+    lines = train.summary(rows).splitlines()  # --n_ood 0: no ood_pass_rate
+    assert [line.split("|")[0].strip() for line in lines] == ["round", "base", "0"]
+    assert [line.split("|")[-1].strip() for line in lines[1:]] == ["nan", "nan"]
+    before = signal.getsignal(signal.SIGINT)
+    with train.stop_on_ctrl_c("x"):
+        assert signal.getsignal(signal.SIGINT) is not before
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_resume_compares_settings_by_meaning(tmp_path, monkeypatch):
@@ -447,6 +518,18 @@ def test_resume_compares_settings_by_meaning(tmp_path, monkeypatch):
     oel.check_resume(oel.OELConfig(model="ck", out_dir="run", game_options='{"size": 4}'))
     with pytest.raises(SystemExit, match=r"other settings \(topk\)"):
         oel.check_resume(oel.OELConfig(model="ck", out_dir="run", game_options='{"size": 4}', topk=256))
+    same = dict(model="ck", out_dir="run", game_options='{"size": 4}')
+    oel.check_resume(oel.OELConfig(**same, rounds=5, micro_batch=1, save_every=3))  # the README's resumable flags
+    for key, value in (("thinking", None), ("game", "sokoban"), ("seed", 1), ("context", "raw"), ("n_test", 7)):
+        with pytest.raises(SystemExit, match=rf"other settings \({key}\)"):
+            oel.check_resume(oel.OELConfig(**{**same, key: value}))
+    for r in (0, 1):  # the run's two rounds started: metrics.jsonl would lose round 1
+        (tmp_path / "run" / f"r{r}").mkdir()
+    with pytest.raises(SystemExit, match="--rounds cannot go below 2"):
+        oel.check_resume(oel.OELConfig(**same, rounds=1))
+    with pytest.raises(SystemExit, match=r"other settings \(seed\)"):  # run() checks before it writes config.json
+        oel.run(oel.OELConfig(**same, seed=1))
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == old
 
 
 @dataclass
@@ -622,7 +705,8 @@ def test_eval_cli_plays_the_asked_set_with_every_context(tmp_path):
 def test_eval_defaults_follow_the_run(tmp_path, capsys):
     """eval.py writes beside a checkpoint folder (r0 and r1 results do not overwrite each other), takes the raw-context
     budget from the run that made the context, and rejects bad flags before loading any model."""
-    assert evaluation.default_out(str(tmp_path), "x") == str(tmp_path.parent / "eval_x.json")
+    (tmp_path / "model").mkdir()
+    assert evaluation.default_out(str(tmp_path / "model"), "x") == str(tmp_path / "eval_x.json")
     assert evaluation.default_out("Qwen/Qwen3-1.7B", "x") == "eval_Qwen--Qwen3-1.7B_x.json"
     (tmp_path / "r0" / "knowledge").mkdir(parents=True)
     (tmp_path / "config.json").write_text(json.dumps({"knowledge_budget": 300}))
@@ -632,16 +716,27 @@ def test_eval_defaults_follow_the_run(tmp_path, capsys):
     assert evaluation.run_setting("thinking", str(tmp_path / "r0" / "deploy.jsonl")) is oel.OELConfig.thinking
     (tmp_path / "k.md").write_text(KNOWLEDGE)
     k = ["--mode", "knowledge", "--context", str(tmp_path / "k.md")]
-    for bad in (["--thinking", "maybe"], ["--mode", "raw"], ["--mode", "raw", "--context", str(tmp_path / "no.jsonl")],
-                ["--n", "0"], ["--seed", "-1"], ["--split", "dev"], ["--game", "chess"], ["--options", "{size"],
-                ["--game", "sokoban", "--options", '{"size": 2}'], ["--max_turns", "0"], [*k, "--budget", "0"],
-                ["--context", str(tmp_path / "k.md")]):
-        with pytest.raises(SystemExit):
+    limits = "need 1 <= --n <= 10000, --seed >= 0, --max_turns >= 1 and --max_new_tokens >= 1"
+    for bad, match in ((["--thinking", "maybe"], "expected true, false or none"), (["--mode", "raw"], "needs --context"),
+                       (["--mode", "raw", "--context", str(tmp_path / "no.jsonl")], "needs --context"),
+                       (["--n", "0"], limits), (["--n", "10001"], limits), (["--seed", "-1"], limits),
+                       (["--max_turns", "0"], limits), (["--max_new_tokens", "0"], limits),
+                       (["--split", "dev"], "invalid choice: 'dev'"), (["--game", "chess"], "invalid choice: 'chess'"),
+                       (["--options", "{size"], "--options '{size' for frozenlake"),
+                       (["--game", "sokoban", "--options", '{"size": 2}'], "for sokoban: Sokoban: need size >= 5"),
+                       ([*k, "--budget", "0"], "--budget must be >= 1"),
+                       (["--context", str(tmp_path / "k.md")], "--context is only read by --mode knowledge or raw")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:  # the flag's own message, not the missing model's
             evaluation.main(["--model", str(tmp_path / "not-loaded"), *bad])
-    capsys.readouterr()
+        assert match in f"{e.value.code} {capsys.readouterr().err}", bad
+    with pytest.raises(SystemExit):
+        evaluation.main([])
+    assert "--model is required unless --plot is given" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # an impossible board: found by playing a first level, before loading any model
         evaluation.main(["--model", str(tmp_path / "not-loaded"), "--options", '{"size": 6, "holes": 25}'])
-    assert "no solvable 6x6 board" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the message names eval.py's flag, --options
+    assert "error: --options '{\"size\": 6, \"holes\": 25}' for frozenlake: " in err and "no solvable 6x6 board" in err
 
 
 def test_eval_takes_the_settings_of_the_run(tmp_path, monkeypatch):
@@ -729,6 +824,104 @@ def test_eval_context_names_and_empty_contexts(tiny, tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit):  # budget + turns beyond the tiny model's 8192-token context, before loading it
         evaluation.main(["--model", "tiny", "--mode", "raw", "--context", str(tmp_path / "t.jsonl"), "--budget", "100000"])
     assert "more than the model's context of 8192" in capsys.readouterr().err
+
+
+def test_eval_plays_what_its_result_is_named_after(tmp_path, monkeypatch):
+    """The chat mode, token limit, seed and split a result is named after are those its games are played with (default
+    limits go unnamed); a context's name tells files and budgets apart: the same file name in two runs, or one file at
+    two budgets, do not overwrite each other, while one file spelled two ways is one result."""
+    monkeypatch.chdir(tmp_path)
+    calls, real_play = [], oel.play
+    monkeypatch.setattr(oel, "play", lambda *args, **kw: calls.append(args) or real_play(*args, **kw))
+    evaluation.main(["--model", "tiny", "--n", "2", "--seed", "3", "--split", "train", "--thinking", "none",
+                     "--max_new_tokens", "3"])
+    game, split, n, seed, rcfg, ctxs = calls[0][2:]
+    assert (game, split, n, seed, ctxs) == ("frozenlake", "train", 2, 3, [None])
+    assert (rcfg.thinking, rcfg.max_new_tokens, rcfg.max_turns) == (None, 3, oel.OELConfig.max_turns)
+    assert [p.name for p in tmp_path.glob("eval_*.json")] == ["eval_tiny_frozenlake_train_n2_s3_instruct_m3_none.json"]
+    trajs = games.load_trajectories(tmp_path / "eval_tiny_frozenlake_train_n2_s3_instruct_m3_none.jsonl")
+    assert sorted(t.seed for t in trajs) == sorted(e.seed for e in games.make_games("frozenlake", "train", 2, seed=3))
+    assert json.loads((tmp_path / "eval_tiny_frozenlake_train_n2_s3_instruct_m3_none.json").read_text())["budget"] is None
+    for run in ("x", "y"):
+        (tmp_path / run / "r0").mkdir(parents=True)
+        (tmp_path / run / "r0" / "pool.json").write_text(json.dumps([KNOWLEDGE]))
+    args = ["--model", "tiny", "--n", "1", "--max_turns", "1", "--max_new_tokens", "1", "--mode", "knowledge"]
+    for more in (["--context", "x/r0/pool.json"], ["--context", "y/r0/pool.json"],
+                 ["--context", "x/r0/pool.json", "--budget", "100"], ["--context", str(tmp_path / "x/r0/pool.json")]):
+        evaluation.main(args + more)
+    assert len(list(tmp_path.glob("eval_tiny_frozenlake_test_n1_s0_think_t1_m1_knowledge_r0-pool-*.json"))) == 3
+
+
+def test_eval_results_of_sibling_checkpoints_do_not_overwrite(tmp_path):
+    """Two checkpoint folders side by side get a result each, named after the folder; a run's model folder does not
+    name its result (runs/oel/r1/eval_*.json)."""
+    m, tok = modeling.load("tiny")
+    for d in ("a", "b", "r0/model"):
+        modeling.save(m, tok, tmp_path / d)
+        evaluation.main(["--model", str(tmp_path / d), "--n", "1", "--max_turns", "1", "--max_new_tokens", "1"])
+    what = "frozenlake_test_n1_s0_think_t1_m1_none.json"
+    assert {p.name for p in tmp_path.glob("eval_*.json")} == {f"eval_a_{what}", f"eval_b_{what}"}
+    assert json.loads((tmp_path / f"eval_b_{what}").read_text())["model"] == str(tmp_path / "b")
+    assert [p.name for p in (tmp_path / "r0").glob("eval_*.json")] == [f"eval_{what}"]
+
+
+def test_eval_takes_the_models_run_and_the_contexts_budget(tmp_path, monkeypatch):
+    """A run's checkpoint given another run's context is played in its own run's game, options, limits and chat mode,
+    with the context's run's token budget; its OOD split is its run's ood_game with default options (as train.py
+    evaluates it), even when that is the run's own game; the innermost run folder holds the setting."""
+    monkeypatch.chdir(tmp_path)
+    for run, cfg in (("a", dict(game="sokoban", ood_game="sokoban", game_options='{"size": 7}', max_turns=1,
+                                max_new_tokens=2, thinking=False, knowledge_budget=300)),
+                     ("b", dict(game="frozenlake", max_turns=2, max_new_tokens=3, thinking=True, knowledge_budget=500))):
+        (tmp_path / run / "r0").mkdir(parents=True)
+        (tmp_path / run / "config.json").write_text(json.dumps(cfg))
+    modeling.save(*modeling.load("tiny"), tmp_path / "a" / "r0" / "model")
+    (tmp_path / "b" / "r0" / "k.md").write_text(KNOWLEDGE)
+    model = ["--model", str(tmp_path / "a" / "r0" / "model"), "--n", "1"]
+    evaluation.main(model + ["--mode", "knowledge", "--context", str(tmp_path / "b" / "r0" / "k.md")])
+    evaluation.main(model + ["--split", "ood"])
+    test, ood = sorted((tmp_path / "a" / "r0").glob("eval_*.json"))
+    assert test.name.startswith("eval_sokoban-size7_test_n1_s0_nothink_t1_m2_knowledge_r0-k-")
+    assert ood.name == "eval_sokoban_ood_n1_s0_nothink_t1_m2_none.json"
+    res = json.loads(test.read_text())
+    assert (res["game"], res["options"], res["thinking"], res["max_turns"], res["max_new_tokens"], res["budget"]) == \
+        ("sokoban", '{"size": 7}', False, 1, 2, 500)
+    res = json.loads(ood.read_text())
+    assert (res["game"], res["options"], res["budget"]) == ("sokoban", "", None)
+    (board,) = [t.turns[0].state for t in games.load_trajectories(str(ood).replace(".json", ".jsonl"))]
+    assert len(board.splitlines()[3].split()) == 6  # Sokoban's default size, not the run's 7
+    (tmp_path / "a" / "inner" / "r0").mkdir(parents=True)  # a run folder inside another's
+    (tmp_path / "a" / "inner" / "config.json").write_text(json.dumps({"knowledge_budget": 200}))
+    assert evaluation.run_setting("knowledge_budget", str(tmp_path / "a" / "inner" / "r0" / "pool.json")) == 200
+
+
+def test_eval_warns_of_empty_contexts_checks_the_whole_prompt_and_plots_both_sets(tiny, tmp_path, monkeypatch, capsys):
+    """A pool text that the budget empties is warned of; the prompt-length check counts every turn's observation;
+    a context-free evaluation does not count a budget; the plot draws the test and OOD pass rates per round."""
+    (tmp_path / "pool.json").write_text(json.dumps(["- EXPERIENCE ITEM: short", "- EXPERIENCE ITEM:" + " long" * 200]))
+    texts = evaluation.contexts("knowledge", str(tmp_path / "pool.json"), tiny[1], 30)
+    assert texts[0] and not texts[1] and "warning: 1 of the 2 contexts" in capsys.readouterr().out
+    games.save_trajectories(tmp_path / "t.jsonl", [fake_trajectory(0)])
+    with pytest.raises(SystemExit):  # 6000 + 5 turns of ~512 tokens > 8192
+        evaluation.main(["--model", "tiny", "--n", "1", "--max_new_tokens", "1", "--mode", "raw", "--context",
+                         str(tmp_path / "t.jsonl"), "--budget", "6000", "--max_turns", "5", "--out", str(tmp_path / "r.json")])
+    assert "more than the model's context of 8192" in capsys.readouterr().err
+    evaluation.main(["--model", "tiny", "--n", "1", "--max_new_tokens", "1", "--max_turns", "14",  # 14 * 512 + 1 < 8192
+                     "--out", str(tmp_path / "r.json")])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(
+        {"round": r, "test_pass_rate": p, "test_tokens_per_turn": 5.0, "ood_pass_rate": p / 2}) + "\n"
+        for r, p in ((-1, 0.2), (0, 0.4))))
+    import matplotlib.figure
+    figs = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **kw: figs.append(self))
+    evaluation.plot(str(tmp_path / "run"))
+    (rate, length) = figs[0].axes
+    assert [list(line.get_ydata()) for line in rate.lines] == [[20, 40], [10, 20]]
+    assert [list(line.get_xdata()) for line in rate.lines] == [[-1, 0]] * 2
+    assert [t.get_text() for t in rate.get_xticklabels()] == ["base", "0"]
+    assert [list(line.get_ydata()) for line in length.lines] == [[5.0, 5.0]]
 
 
 def test_play_keeps_finished_batches(tiny, tmp_path, monkeypatch):
