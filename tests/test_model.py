@@ -423,6 +423,23 @@ def test_generate_under_autocast_and_in_training_mode(lm, autocast_policy):
             M.generate(model, tok, PROMPTS, max_new_tokens=2, **bad)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_forward_equals_low_precision_copy(lm, dtype):
+    """Under CPU autocast a float32 model computes exactly what its copy in the autocast dtype does, in that dtype,
+    norms included (their float32 weights are cast too: the tiny preset's norm weights of 1 would not show it)."""
+    model = copy.deepcopy(lm[0])
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.normal_(1.0, 0.1)
+    idx = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    low = copy.deepcopy(model).to(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        logits, hidden = model(idx), model(idx, return_hidden=True)
+    assert logits.dtype == hidden.dtype == dtype
+    assert torch.equal(logits, low(idx)) and torch.equal(hidden, low(idx, return_hidden=True))
+
+
 def test_max_new_tokens_and_bf16():
     """max_new_tokens bounds the output; the tiny preset generates in bfloat16 too."""
     model, tok = M.load("tiny", dtype=torch.bfloat16)
@@ -463,6 +480,9 @@ def test_chat_format(tiny):
     instruct = [*CONVERSATION[:2], {"role": "assistant", "content": "up"}, CONVERSATION[3]]
     assert tok.chat(instruct, thinking=None) == HISTORY + "<|im_start|>assistant\n"
     assert tok.chat(CONVERSATION, thinking=True, add_generation_prompt=False) == HISTORY
+    for thinking in (True, False, None):  # every prompt the method builds: one user message in the run's chat mode
+        chat = tok.chat([{"role": "user", "content": "Q"}], thinking=thinking)
+        assert tok.user_ids("Q", thinking) == tok.encode(chat)
     # a final assistant turn (after the last user message) keeps its reasoning, or gets an empty think block
     last = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\nA"}]
     assert tok.chat(last, thinking=True, add_generation_prompt=False) == (

@@ -530,6 +530,9 @@ def test_resume_compares_settings_by_meaning(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"other settings \(seed\)"):  # run() checks before it writes config.json
         oel.run(oel.OELConfig(**same, seed=1))
     assert json.loads((tmp_path / "run" / "config.json").read_text()) == old
+    # options of another game (the game changed too) compare as JSON rather than failing to build the new game
+    assert not oel.same_setting("game_options", '{"boxes": 2}', '{"holes": 1}', "frozenlake")
+    assert oel.same_setting("game_options", '{"boxes": 2}', '{"boxes":2}', "frozenlake")
 
 
 @dataclass
@@ -582,14 +585,24 @@ def test_a_new_game_gets_its_instruction_options_and_checks(monkeypatch):
         oel.check_game("line", '{"length": 1}', 5, flag="--options")
     bad = {"has no solution": dict(solve=lambda self: None),
            "its solver's plan does not win it": dict(solve=lambda self: ["wait"]),
+           "level: its solver's plan does not win it": dict(solve=lambda self: []),  # empty: a plan, not 'no solution'
            "its solver's action 'Right' reads back from a reply as None": dict(
                solve=lambda self: ["Right"] * 2, valid_actions=lambda self: {"Right"}),
            "it needs name = 'line'": dict(name="liner"),  # a variant that kept another's name
            "and an instruction string": dict(instruction=None)}
+    closed = []
     for match, attrs in bad.items():
-        monkeypatch.setitem(games.ENVS, "line", type("Broken", (Line,), attrs))
+        closing = dict(close=lambda self: closed.append(self.seed), **attrs)
+        monkeypatch.setitem(games.ENVS, "line", type("Broken", (Line,), closing))
         with pytest.raises(ValueError, match=match):
             oel.check_game("line", "", 5)
+    assert closed == [games.level_seed("test", 0, 0)] * 4  # the level checked is closed, also when it fails
+    closed.clear()
+    monkeypatch.setitem(games.ENVS, "line", type("Closing", (Line,), dict(close=lambda self: closed.append(self.seed))))
+    oel.check_game("line", "", 5, split="ood")
+    assert closed == [games.level_seed("ood", 0, 0)]  # the first level of the split asked for
+    with pytest.raises(ValueError, match="unknown game 'chess'; choose from"):  # not a KeyError
+        oel.check_game("chess", "", 5)
 
 
 def test_extract_pool_accumulates_saves_versions_and_resumes(tiny, tmp_path, monkeypatch):
@@ -637,14 +650,16 @@ def test_extraction_warns_when_thinking_is_cut_off(tiny, tmp_path, monkeypatch, 
     _, tok = tiny
     cut = modeling.Completion([], f"{modeling.THINK}\nlet me think about", [], False)
     done = modeling.Completion([], f"{modeling.THINK}x{modeling.END_THINK}\n{oel.MARKER} a lesson", [], True)
-    monkeypatch.setattr(oel.modeling, "generate", lambda m, tok, prompts, **kw: [cut, done][:len(prompts)])
+    long = modeling.Completion([], f"{oel.MARKER} another lesson, cut off after its", [], False)  # no think block
+    ended = modeling.Completion([], f"{modeling.THINK}\nno more to say", [], True)  # stopped, not out of tokens
+    monkeypatch.setattr(oel.modeling, "generate", lambda m, tok, prompts, **kw: [cut, done, long, ended][:len(prompts)])
     for thinking in (True, False):
-        cfg = oel.OELConfig(K=2, n=2, thinking=thinking)
+        cfg = oel.OELConfig(K=4, n=2, thinking=thinking)
         trajs = [fake_trajectory(0), fake_trajectory(1)]
         pool = oel.extract_pool(None, tok, trajs, cfg, str(tmp_path / str(thinking)), r=0)
-        assert pool == ["", f"{oel.MARKER} a lesson"]
+        assert pool == ["", f"{oel.MARKER} a lesson", f"{oel.MARKER} another lesson, cut off after its", ""]
         out = capsys.readouterr().out
-        assert out.count("warning") == 1 and "2 of 4 extraction responses ran out of tokens inside a think block" in out
+        assert out.count("warning") == 1 and "2 of 8 extraction responses ran out of tokens inside a think block" in out
         assert ("non-thinking mode" in out) == thinking  # advised only when thinking is on
 
 
@@ -940,9 +955,11 @@ def test_play_keeps_finished_batches(tiny, tmp_path, monkeypatch):
     again = oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path)
     assert calls == [1] and again == full == games.load_trajectories(path)
     assert oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path) == full and calls == [1]
+    even = oel.play(m, tok, "sokoban", "test", 4, 0, rcfg, batch=2, path=str(tmp_path / "even.jsonl"))  # n % batch == 0
+    assert len(even) == 4 and not any(".part" in p.name for p in tmp_path.iterdir())
 
 
-def test_deploy_avoids_test_boards_where_the_level_space_allows():
+def test_deploy_avoids_test_boards_where_the_level_space_allows(monkeypatch):
     """Sokoban and 4x4 FrozenLake hold their test boards out of training; the paper's 3x3 FrozenLake, whose 19
     boards all occur in its test set, cannot, and trains on them too."""
     for game, options, held_out in (("sokoban", "", True), ("frozenlake", '{"size": 4, "holes": 3}', True),
@@ -953,6 +970,12 @@ def test_deploy_avoids_test_boards_where_the_level_space_allows():
         if held_out:
             envs = games.make_games(game, "train", 256, seed=0, exclude=boards, **oel.game_settings(options))
             assert not {games.first_observation(e) for e in envs} & boards
+    generated = []  # TextWorld test levels are generated in parallel before their boards are read (one by one)
+    monkeypatch.setattr(games, "pregenerate", lambda envs: generated.append([e.seed for e in envs]))
+    monkeypatch.setattr(games, "first_observation", lambda env: (env.seed, len(generated)))
+    boards = oel.test_boards(oel.OELConfig(game="textworld", n_test=3))
+    assert boards == {(games.level_seed("test", 0, i), 1) for i in range(3)}  # read after the one pregenerate
+    assert generated == [[games.level_seed("test", 0, i) for i in range(3)]]
 
 
 def test_play_sampling_seeds_differ_between_sets(monkeypatch):
@@ -1083,9 +1106,11 @@ def test_sample_batch_draws_fresh_knowledge_each_step_and_round(tiny, monkeypatc
                         [modeling.Completion([1], "", [0.0], True) for _ in ids])
     prompts, pool = [("frozenlake", f"state {i}") for i in range(16)], [f"knowledge {i}" for i in range(40)]
     cfg = oel.OELConfig(batch_size=16)
-    picks = [[b.knowledge for b in oel.sample_batch(tiny[0], tiny[1], prompts, pool, cfg, step, r)]
-             for step, r in ((0, 0), (1, 0), (0, 1))]
+    batches = [oel.sample_batch(tiny[0], tiny[1], prompts, pool, cfg, step, r) for step, r in ((0, 0), (1, 0), (0, 1))]
+    picks = [[b.knowledge for b in batch] for batch in batches]
     assert picks[0] != picks[1] and picks[0] != picks[2] and len(set(seeds)) == 3
+    assert len(set(picks[0])) > 1  # each prompt draws its own knowledge, not one per step
+    assert [b.state for b in batches[0]] != [b.state for b in batches[2]]  # each round shuffles its prompts afresh
     assert oel.accumulation_orders(replace(cfg, K=2, n=8), 0, 16) != oel.accumulation_orders(replace(cfg, K=2, n=8), 1, 16)
 
 
@@ -1112,6 +1137,45 @@ def test_consolidation_weights_tokens_not_micro_batches_and_clips():
     with pytest.raises(SystemExit, match="step 1: the gradient norm is nan"):
         oel.consolidate(student, oel.frozen_copy(modeling.load("tiny")[0], torch.float32), tok, prompts, [KNOWLEDGE], cfg)
     assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items() if k != "model.norm.weight")
+
+
+def test_infinite_gradient_norm_stops_before_the_update(monkeypatch):
+    """An infinite gradient norm (not only a NaN one) stops consolidation before the optimizer step."""
+    student, tok = modeling.load("tiny")
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, clip: torch.tensor(float("inf")))
+    cfg = oel.OELConfig(max_new_tokens=4, batch_size=2, micro_batch=2, steps=1, lr=1e-2)
+    with pytest.raises(SystemExit, match="step 1: the gradient norm is inf"):
+        oel.consolidate(student, oel.frozen_copy(student, torch.float32), tok, states("sokoban", "train", 2, 0),
+                        [KNOWLEDGE], cfg)
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+
+
+def test_step_log_is_the_per_token_kl():
+    """A step's logged kl is the KL per response token of its batch (not per sequence), over its logged tokens."""
+    student, tok = modeling.load("tiny")
+    teacher = oel.frozen_copy(student, torch.float32)
+    prompts = states("sokoban", "train", 4, 0)
+    cfg = oel.OELConfig(max_new_tokens=8, batch_size=4, micro_batch=2, steps=1)
+    with torch.no_grad():
+        batch = oel.sample_batch(student, tok, prompts, [KNOWLEDGE], cfg, 0, 0)  # what step 1 draws
+        loss, n = oel.distill_loss(student, teacher, tok, batch, cfg)
+    (log,) = oel.consolidate(student, teacher, tok, prompts, [KNOWLEDGE], cfg)
+    assert log["tokens"] == n > len(batch) and log["kl"] == pytest.approx(float(loss) / n, rel=1e-4)
+
+
+def test_consolidation_prompts_use_the_runs_chat_mode(tiny, monkeypatch):
+    """The student's sampling prompts and the teacher's prompts are chats in the run's mode (--thinking), as the
+    rollouts that made the states were."""
+    m, tok = tiny
+    modes, real = [], tok.user_ids
+    monkeypatch.setattr(tok, "user_ids", lambda content, thinking: modes.append(thinking) or real(content, thinking))
+    for thinking in (True, None):
+        modes.clear()
+        cfg = oel.OELConfig(max_new_tokens=4, batch_size=2, micro_batch=2, thinking=thinking)
+        batch = oel.sample_batch(m, tok, states("frozenlake", "train", 2, 0), [KNOWLEDGE], cfg, 0, 0)
+        oel.distill_loss(m, m, tok, batch, cfg)
+        assert modes == [thinking] * 4  # 2 student prompts, 2 teacher prompts
 
 
 def test_topk_kl_is_the_students_top_k(tiny):
