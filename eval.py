@@ -56,8 +56,8 @@ def read_context(mode, path):
         if mode == "raw":
             return games.load_trajectories(path)
         if not path.endswith(".json"):
-            return [open(path).read()]
-        texts = json.load(open(path))
+            return [open(path, encoding="utf-8").read()]
+        texts = json.load(open(path, encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, a malformed trajectory line, binary data
         raise SystemExit(f"error: --context {path} is not a {mode} context file: {e}") from None
     if not (isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
@@ -73,7 +73,7 @@ def run_setting(key, *paths):
     for path in paths:
         for folder in Path(path).resolve().parents if path else ():
             file = folder / "config.json"
-            if file.exists() and key in (cfg := json.loads(file.read_text())):
+            if file.exists() and key in (cfg := json.loads(file.read_text(encoding="utf-8"))):
                 return cfg[key]
     return getattr(oel.OELConfig, key)
 
@@ -114,7 +114,7 @@ def plot(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(os.path.join(run_dir, "config.json")):
         raise SystemExit(f"error: {run_dir} is not a train.py run folder (no config.json)")
-    rows = [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()] if os.path.exists(path) else []
     if not rows:
         raise SystemExit(f"error: {run_dir} has no results yet: not even the base model's evaluation has finished")
     x = [r["round"] for r in rows]  # -1: the base model; r: after round r's consolidation (as in metrics.jsonl)

@@ -54,7 +54,7 @@ class ModelConfig:
         if not file.is_file():
             raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
         try:
-            d = json.loads(file.read_text())
+            d = json.loads(file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{file} is not valid JSON: {e}") from None
         if not isinstance(d, dict):
@@ -279,7 +279,7 @@ def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: model.safetensors, or the shards its index lists."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index} has no weight_map")
         files = sorted(set(weight_map.values()))
@@ -380,7 +380,7 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer.json in {path}")
         self.tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
         file = path / "tokenizer_config.json"
-        self.config = json.loads(file.read_text()) if file.is_file() else {}  # kept as is for save()
+        self.config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}  # kept as is for save()
 
         def named(key):  # tokenizer_config.json stores a token as a string or as {"content": ...}
             t = self.config.get(key)

@@ -164,7 +164,7 @@ def check_game(game, options, max_turns, split="test", flag="--game_options"):
 def atomic_write(path, text):
     """Write text so that a reader sees either nothing or the whole file."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
 
@@ -276,7 +276,7 @@ def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
     for i in tqdm(range(1, n + 1), desc=f"round {r} extract", leave=False):
         paths = [os.path.join(kdir, f"r{r}_k{k}_{i}.md") for k in range(cfg.K)]
         if all(os.path.exists(p) for p in paths):  # resumed: this step is on disk
-            items = [[line for line in open(p).read().splitlines() if line] for p in paths]
+            items = [[line for line in open(p, encoding="utf-8").read().splitlines() if line] for p in paths]
             continue
         prompts = []
         for k in range(cfg.K):
@@ -543,7 +543,7 @@ def train_round(cfg, r, rdir, ckpt, device):
     pool_path = os.path.join(rdir, "pool.json")
     if os.path.exists(pool_path):
         print(f"round {r} | extract | {pool_path} on disk, reused")
-        pool = json.load(open(pool_path))
+        pool = json.load(open(pool_path, encoding="utf-8"))
     else:
         if cfg.context == "raw":
             pool = [raw_context([trajs[i] for i in order], tok, cfg.knowledge_budget)
@@ -589,7 +589,7 @@ def check_resume(cfg):
     made = any(f not in ("config.json", ".lock") for _, _, files in os.walk(cfg.out_dir) for f in files)
     if not os.path.exists(path) or not made:
         return
-    old = json.load(open(path))
+    old = json.load(open(path, encoding="utf-8"))
     old = {k: old.get(k, getattr(OELConfig, k)) for k in asdict(cfg)}  # a setting newer than the run: its default
     diff = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and not same_setting(k, old[k], v, cfg.game)]
     if diff:
@@ -619,7 +619,7 @@ def run(cfg, device="cpu"):
         else:
             m, tok = modeling.load(ckpt, device=device, dtype=infer_dtype(device))
             atomic_write(path, json.dumps(evaluate(m, tok, cfg, rdir), indent=2))
-        res = json.load(open(path))
+        res = json.load(open(path, encoding="utf-8"))
         rows.append({"round": r, **{f"{s}_{k}": v for s, d in res.items() for k, v in d.items()}})
         atomic_write(os.path.join(cfg.out_dir, "metrics.jsonl"), "".join(json.dumps(x) + "\n" for x in rows))
         shown = ("test_pass_rate", "test_tokens_per_turn", "test_mean_steps", "ood_pass_rate")

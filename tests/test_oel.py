@@ -663,6 +663,37 @@ def test_extraction_warns_when_thinking_is_cut_off(tiny, tmp_path, monkeypatch, 
         assert ("non-thinking mode" in out) == thinking  # advised only when thinking is on
 
 
+UTF8_SCRIPT = r'''
+import json, locale, shutil, sys
+import eval as evaluation, model as modeling, oel
+from tests.test_oel import fake_trajectory
+assert locale.getpreferredencoding(False) == "ANSI_X3.4-1968", locale.getpreferredencoding(False)  # ASCII
+out, lesson = sys.argv[1], "- EXPERIENCE ITEM: push \u2192 then \u201cleft\u201d, na\u00efvely"
+src, ckpt = modeling.tiny_dir(), f"{out}/ckpt"  # a checkpoint whose JSON files hold UTF-8 text
+shutil.copytree(src, ckpt)
+for name in ("config.json", "tokenizer_config.json"):
+    d = json.load(open(f"{ckpt}/{name}", encoding="utf-8"))
+    open(f"{ckpt}/{name}", "w", encoding="utf-8").write(json.dumps({**d, "note": "caf\u00e9"}, ensure_ascii=False))
+m, tok = modeling.load(ckpt)
+oel.modeling.generate = lambda m, tok, prompts, **kw: [modeling.Completion([], lesson, [], True) for _ in prompts]
+cfg = oel.OELConfig(K=1, n=2)
+pool = oel.extract_pool(None, tok, [fake_trajectory(i) for i in range(2)], cfg, out, r=0)  # written
+assert pool == [lesson], pool
+assert oel.extract_pool(None, tok, [fake_trajectory(i) for i in range(2)], cfg, out, r=0) == pool  # read back
+assert evaluation.read_context("knowledge", f"{out}/knowledge/r0_k0_2.md") == [lesson + "\n"]
+print("ok")
+'''
+
+
+def test_text_files_are_utf8_under_an_ascii_locale(tmp_path):
+    """Knowledge with non-ASCII text is written, resumed from and read by eval.py, and a checkpoint's JSON files with
+    UTF-8 text load, under a locale whose default encoding is ASCII (LC_ALL=C, no UTF-8 mode)."""
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONPATH": ROOT}
+    res = subprocess.run([sys.executable, "-c", UTF8_SCRIPT, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, encoding="utf-8")
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
 def test_raw_context_pool_replaces_extraction(tmp_path):
     """With context 'raw' the teacher's pool is budget-capped rendered trajectories and nothing is extracted;
     game settings reach every game set."""
