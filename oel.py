@@ -193,7 +193,8 @@ def render_trajectory(traj):
     """Every turn's input (the observation it answered: the first one, then the game's feedback) and full
     output, and the result with the game's last message, as the paper's code shows an episode (without the
     instruction and history that every turn's prompt repeats)."""
-    parts, seen = [], traj.turns[0].state.removeprefix("Observation 1:\n") if traj.turns else ""
+    parts = []
+    seen = traj.turns[0].state.removeprefix("Observation 1:\n") if traj.turns else ""
     for i, t in enumerate(traj.turns, 1):
         parts.append(f"### Turn {i}\nInput:\n{seen}\n\nOutput:\n{t.response}")
         seen = t.feedback
@@ -272,7 +273,7 @@ def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
     orders = accumulation_orders(cfg, r, len(trajs))
     n = len(orders[0])
     items = [[] for _ in range(cfg.K)]
-    made = cut = 0  # extraction responses generated
+    made = cut = 0  # extraction responses generated, and those cut off inside their thinking
     for i in tqdm(range(1, n + 1), desc=f"round {r} extract", leave=False):
         paths = [os.path.join(kdir, f"r{r}_k{k}_{i}.md") for k in range(cfg.K)]
         if all(os.path.exists(p) for p in paths):  # resumed: this step is on disk
@@ -282,8 +283,9 @@ def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
         for k in range(cfg.K):
             msg = extraction_prompt(trajs[orders[k][i - 1]], "\n".join(items[k]), cfg.show_knowledge)
             prompts.append(tok.user_ids(msg, cfg.thinking))
+        s = games.RolloutConfig()  # sampled as evaluation samples
         outs = modeling.generate(extractor, tok, prompts, max_new_tokens=cfg.extract_max_new_tokens,
-                                 temperature=0.7, top_p=0.8, top_k=20,  # as RolloutConfig samples
+                                 temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                  seed=seed_of(cfg.seed, r, "extract", i))
         made += len(outs)
         cut += sum(not o.stopped and modeling.THINK in o.text and modeling.END_THINK not in o.text for o in outs)
@@ -292,9 +294,9 @@ def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
             items[k] = trim_knowledge(items[k] + new, tok, cfg.knowledge_budget)
             atomic_write(paths[k], "\n".join(items[k]) + "\n")
     if cut:
+        advice = "raise --extract_max_new_tokens" + (", or use a non-thinking mode" if cfg.thinking else "")
         print(f"round {r} | warning: {cut} of {made} extraction responses ran out of tokens inside a think block (no "
-              "lessons from them); raise --extract_max_new_tokens" + (", or use a non-thinking mode" if cfg.thinking
-                                                                      else ""))
+              f"lessons from them); {advice}")
     return ["\n".join(it) for it in items]
 
 
@@ -316,10 +318,10 @@ def response_hidden(m, prompts, responses):
     attention is exact for the real tokens.
     """
     seqs = [p + r for p, r in zip(prompts, responses)]
-    pad = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)  # [B,T]
+    idx = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)  # [B,T], right-padded with 0
     for i, s in enumerate(seqs):
-        pad[i, : len(s)] = torch.tensor(s)
-    h = m(pad.to(m.output_weight.device), return_hidden=True)  # [B,T,C]
+        idx[i, : len(s)] = torch.tensor(s)
+    h = m(idx.to(m.output_weight.device), return_hidden=True)  # [B,T,C]
     return torch.cat([h[i, len(p) - 1 : len(p) - 1 + len(r)] for i, (p, r) in enumerate(zip(prompts, responses))])
 
 

@@ -33,7 +33,7 @@ import model as modeling
 import oel
 
 # --model tiny: sizes that run the whole loop on a CPU in minutes (flags given explicitly still win)
-TINY = dict(out_dir="runs/tiny", n_train=8, n_test=8, n_ood=2, K=2, n=4, knowledge_budget=256, steps=4,
+TINY_RUN = dict(out_dir="runs/tiny", n_train=8, n_test=8, n_ood=2, K=2, n=4, knowledge_budget=256, steps=4,
             batch_size=4, micro_batch=4, max_new_tokens=32, extract_max_new_tokens=32, max_turns=4, save_every=2)
 
 
@@ -57,7 +57,7 @@ def parse_bool_or_none(s):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                epilog=f"--model tiny changes these defaults: {json.dumps(TINY)}")
+                                epilog=f"--model tiny changes these defaults: {json.dumps(TINY_RUN)}")
     helps = field_help()
     for f in dataclasses.fields(oel.OELConfig):
         kind = {bool: parse_bool, bool | None: parse_bool_or_none}.get(f.type, type(f.default))
@@ -65,7 +65,7 @@ def parse_args(argv=None):
                        choices=list(games.ENVS) if f.name in ("game", "ood_game") else None,
                        help=f"{helps.get(f.name, '')} (default: {f.default})")
     given = vars(p.parse_args(argv))  # only the flags given (--thinking none included)
-    preset = TINY if given.get("model") == "tiny" else {}
+    preset = TINY_RUN if given.get("model") == "tiny" else {}
     return oel.OELConfig(**{**preset, **given})
 
 

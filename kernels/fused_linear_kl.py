@@ -59,7 +59,9 @@ class FusedLinearKL(torch.autograd.Function):
         valid, count = flat_mask(mask, T, h_s.device)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h_s) if need_h else None
-        grad_w = (torch.zeros_like if T == 0 else torch.empty_like)(w_s) if need_w else None  # the 1st chunk sets it
+        grad_w = None
+        if need_w:  # the first chunk writes it (no chunk when T = 0: zeros)
+            grad_w = torch.zeros_like(w_s) if T == 0 else torch.empty_like(w_s)
         loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
         C = max(1, min(T, chunk_size or default_chunk_size(V, h_s.dtype)))
         buf_s = h_s.new_empty(C, V)  # [C, V] student logits, then their gradient

@@ -425,10 +425,10 @@ def test_train_flags_reach_the_config():
     assert train.parse_args(["--model", "tiny", "--thinking", "none"]).thinking is None
     assert train.parse_args(["--thinking", "false"]).thinking is False and train.parse_args([]).thinking is True
     cfg = train.parse_args(["--model", "tiny", "--steps", "7", "--lr", "0.5", "--game_options", '{"size": 4}'])
-    assert (cfg.steps, cfg.lr, cfg.game_options, cfg.K) == (7, 0.5, '{"size": 4}', train.TINY["K"])
+    assert (cfg.steps, cfg.lr, cfg.game_options, cfg.K) == (7, 0.5, '{"size": 4}', train.TINY_RUN["K"])
     assert train.parse_args([]) == oel.OELConfig()  # the tiny preset is for the tiny model only
     assert train.parse_args(["--model", "Qwen/Qwen3-4B"]) == oel.OELConfig(model="Qwen/Qwen3-4B")
-    assert train.parse_args(["--model", "tiny"]) == oel.OELConfig(**{**train.TINY, "model": "tiny"})
+    assert train.parse_args(["--model", "tiny"]) == oel.OELConfig(**{**train.TINY_RUN, "model": "tiny"})
     assert [train.parse_bool(s) for s in ("1", "0", "TRUE", "False")] == [True, False, True, False]
     assert [train.parse_bool_or_none(s) for s in ("None", "1", "0")] == [None, True, False]
 
