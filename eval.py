@@ -22,7 +22,7 @@ import torch
 import games
 import model as modeling
 import oel
-from train import check_checkpoint, parse_bool_or_none, resolve_model, stop_on_ctrl_c
+from train import check_checkpoint, check_game, parse_bool_or_none, resolve_model, stop_on_ctrl_c
 
 
 def contexts(mode, path, tok, budget, loaded=None):
@@ -89,7 +89,7 @@ def check_args(p, a):
     if a.out and not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
         p.error(f"--out {a.out}: its folder does not exist")
     try:
-        oel.check_game(a.game, a.options, a.max_turns, a.split, "--options")
+        check_game(a.game, a.options, a.max_turns, a.split, "--options")
     except ValueError as e:
         p.error(str(e))
     return None if a.mode == "none" else read_context(a.mode, a.context)

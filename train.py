@@ -103,9 +103,43 @@ def check_settings(cfg):
         if g not in games.ENVS:
             raise SystemExit(f"error: unknown game {g!r}; choose from {', '.join(games.ENVS)}")
     try:
-        oel.check_game(cfg.game, cfg.game_options, cfg.max_turns)
+        check_game(cfg.game, cfg.game_options, cfg.max_turns)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def check_game(game, options, max_turns, split="test", flag="--game_options"):
+    """Before any work, build the first level of `split` with these options and win it with the game's own solver,
+    through the action parser. A game registered wrongly, bad JSON, unknown or mistyped options, settings that admit
+    no level (the message names `flag`), and a solver or actions the rollouts could not play raise ValueError now
+    rather than mid-run; a level longer than max_turns is warned of (it cannot be won)."""
+    cls = games.ENVS.get(game)  # (an unknown game: make_games says so)
+    if cls and (getattr(cls, "name", None) != game or not isinstance(getattr(cls, "instruction", None), str)):
+        raise ValueError(f"games.ENVS[{game!r}] is {cls.__name__}: it needs name = {game!r} (trajectories carry it, "
+                         "and consolidation rebuilds prompts from it) and an instruction string (see games.py)")
+    try:
+        env = games.make_games(game, split, 1, **oel.game_settings(options))[0]  # ValueError: JSON, names, types, values
+        env.reset()  # RuntimeError: no level with these settings (any other error is the game's bug: a traceback)
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"{flag} {options!r} for {game}: {e}") from None
+    where = f"{game} with {flag} {options!r}: the first {split} level"
+    try:
+        plan, info = env.solve(), {"won": False}
+        if plan is None:
+            raise ValueError(f"{where} has no solution")
+        if len(plan) > max_turns:  # levels differ in length, so only a warning
+            print(f"warning: {where} takes {len(plan)} moves, more than --max_turns {max_turns}: no game that long can "
+                  "be won")
+        for a in plan:
+            action = games.parse_action(f"[{a}]", env.valid_actions())
+            if action != a:
+                raise ValueError(f"{where}: its solver's action {a!r} reads back from a reply as {action!r} "
+                                 "(actions are lower-case strings of valid_actions())")
+            info = env.step(action)[3]
+        if not info["won"]:
+            raise ValueError(f"{where}: its solver's plan does not win it")
+    finally:
+        env.close()
 
 
 def check_checkpoints(cfg):

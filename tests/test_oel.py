@@ -580,9 +580,9 @@ def test_a_new_game_gets_its_instruction_options_and_checks(monkeypatch):
     assert [(x.length, x.slip, type(x.slip)) for x in g] == [(4, 0.0, float)] * 2
     with pytest.raises(ValueError, match=re.escape("option 'slip' must be float | None, got '0'")):
         games.make_games("line", "test", 1, slip="0")
-    oel.check_game("line", '{"length": 5, "slip": 1}', max_turns=4)
+    train.check_game("line", '{"length": 5, "slip": 1}', max_turns=4)
     with pytest.raises(ValueError, match=re.escape("""--options '{"length": 1}' for line: no level: length must be""")):
-        oel.check_game("line", '{"length": 1}', 5, flag="--options")
+        train.check_game("line", '{"length": 1}', 5, flag="--options")
     bad = {"has no solution": dict(solve=lambda self: None),
            "its solver's plan does not win it": dict(solve=lambda self: ["wait"]),
            "level: its solver's plan does not win it": dict(solve=lambda self: []),  # empty: a plan, not 'no solution'
@@ -595,14 +595,14 @@ def test_a_new_game_gets_its_instruction_options_and_checks(monkeypatch):
         closing = dict(close=lambda self: closed.append(self.seed), **attrs)
         monkeypatch.setitem(games.ENVS, "line", type("Broken", (Line,), closing))
         with pytest.raises(ValueError, match=match):
-            oel.check_game("line", "", 5)
+            train.check_game("line", "", 5)
     assert closed == [games.level_seed("test", 0, 0)] * 4  # the level checked is closed, also when it fails
     closed.clear()
     monkeypatch.setitem(games.ENVS, "line", type("Closing", (Line,), dict(close=lambda self: closed.append(self.seed))))
-    oel.check_game("line", "", 5, split="ood")
+    train.check_game("line", "", 5, split="ood")
     assert closed == [games.level_seed("ood", 0, 0)]  # the first level of the split asked for
     with pytest.raises(ValueError, match="unknown game 'chess'; choose from"):  # not a KeyError
-        oel.check_game("chess", "", 5)
+        train.check_game("chess", "", 5)
 
 
 def test_extract_pool_accumulates_saves_versions_and_resumes(tiny, tmp_path, monkeypatch):
