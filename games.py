@@ -57,23 +57,25 @@ def invalid(action: str | None, valid: str) -> str:
     return f"{what} Valid actions: {valid}."
 
 
-def bfs(start, nxt, won, limit=200_000) -> list[str] | None:
+def bfs(start, nxt, won, limit=200_000, depth=None) -> list[str] | None:
     """Fewest moves from `start` to a state where won(state); nxt(state, move) is the next state, or None when
-    the move is blocked or loses. None if no solution within `limit` explored states."""
-    prev, queue = {start: None}, deque([start])
+    the move is blocked or loses. None if no solution within `limit` explored states (or `depth` moves)."""
+    prev, queue = {start: None}, deque([(start, 0)])
     while queue:
-        s = queue.popleft()
+        s, d = queue.popleft()
         if won(s):
             path = []
             while prev[s] is not None:
                 s, move = prev[s]
                 path.append(move)
             return path[::-1]
+        if d == depth:
+            continue
         for move in MOVES:
             t = nxt(s, move)
             if t is not None and t not in prev and len(prev) < limit:
                 prev[t] = (s, move)
-                queue.append(t)
+                queue.append((t, d + 1))
     return None
 
 
@@ -208,7 +210,8 @@ class Sokoban(Board):
             if self.optimal is not None and self.min_moves <= self.optimal <= top:
                 return obs
         raise RuntimeError(f"Sokoban: no {n}x{n} room with {k} boxes solvable in {self.min_moves} to "
-                           f"{self.max_moves} moves found")
+                           f"{self.max_moves} moves found in 10,000 tries (such levels are rare: raise max_moves, or "
+                           "lower boxes)")
 
     def setup(self, cells: dict):
         self.floor = {p for p, x in cells.items() if x != "#"}
@@ -232,7 +235,8 @@ class Sokoban(Board):
         return (to, boxes - {to} | {beyond}), f"You moved {move} and pushed a box."
 
     def solve(self) -> list[str] | None:
-        return bfs(self.state, lambda s, m: self._push(s, m)[0], lambda s: s[1] == self.targets)
+        """Fewest moves to win; None if it takes more than max_moves (a level this game never draws) or none wins."""
+        return bfs(self.state, lambda s, m: self._push(s, m)[0], lambda s: s[1] == self.targets, depth=self.max_moves)
 
     def move(self, action: str) -> str:
         state, msg = self._push(self.state, action)

@@ -1,5 +1,6 @@
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import ClassVar, Optional
@@ -99,6 +100,20 @@ def test_sokoban_rules():
     obs, reward, done, info = env.step("right")
     assert obs.startswith("You moved right and pushed a box.\nCongratulations! You have solved the Sokoban puzzle!")
     assert "# _ P √ √ #" in obs and done and reward == 1.0 and info["won"]
+
+
+def test_sokoban_search_stops_at_max_moves():
+    """The solver looks no deeper than max_moves (a level needing more is one the game never draws), so settings that
+    rarely allow so short a solution fail at once with advice, instead of searching every room they draw for long."""
+    level = "# # # # # # # # #\n# P X _ _ _ _ O #\n# # # # # # # # #"  # five pushes right
+    for max_moves, plan in ((5, ["right"] * 5), (4, None), (None, ["right"] * 5)):
+        env = Sokoban(max_moves=max_moves)
+        env.load(level)
+        assert env.solve() == plan and env.optimal == (plan and len(plan))
+    t = time.time()
+    with pytest.raises(RuntimeError, match=r"12x12 room with 4 boxes .* \(such levels are rare: raise max_moves"):
+        Sokoban(size=12, boxes=4, seed=1).reset()
+    assert time.time() - t < 60  # it searched each room up to 200,000 states: hours
 
 
 def test_seeds_reproducible_and_disjoint():
