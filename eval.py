@@ -22,7 +22,7 @@ import torch
 import games
 import model as modeling
 import oel
-from train import check_checkpoint, check_game, parse_bool_or_none, resolve_model, stop_on_ctrl_c
+from train import check_checkpoint, check_game, observation_tokens, parse_bool_or_none, resolve_model, stop_on_ctrl_c
 
 
 def contexts(mode, path, tok, budget, loaded=None):
@@ -174,11 +174,13 @@ def main(argv=None):
     loaded = check_args(p, a)  # the context file, read before loading a model
     budget = a.budget if a.budget is not None else run_setting("knowledge_budget", a.context)
     path = resolve_model(a.model)
-    limit = check_checkpoint("--model", path).max_position_embeddings
-    need = (budget if a.mode != "none" else 0) + a.max_turns * 512 + a.max_new_tokens  # context, observations, reply
-    if need > limit:
-        p.error(f"context budget + turns need ~{need} tokens, more than the model's context of {limit}; "
-                "lower --budget, --max_turns or --max_new_tokens")
+    directory, mc = check_checkpoint("--model", path)
+    obs = observation_tokens(modeling.Tokenizer(directory), a.game, a.options, a.split)
+    need = (budget if a.mode != "none" else 0) + a.max_turns * obs + a.max_new_tokens  # context, observations, reply
+    if need > mc.max_position_embeddings:
+        p.error(f"context budget + turns need ~{need} tokens ({a.max_turns} observations of ~{obs}), more than the "
+                f"model's context of {mc.max_position_embeddings}; lower --budget, --max_turns or --max_new_tokens, "
+                "or play smaller levels")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     m, tok = modeling.load(path, device=device, dtype=oel.infer_dtype(device))
     rcfg = games.RolloutConfig(max_turns=a.max_turns, max_new_tokens=a.max_new_tokens,  # sampling: the paper's

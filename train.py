@@ -24,6 +24,7 @@ import re
 import shutil
 import signal
 import sys
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
@@ -144,17 +145,20 @@ def check_game(game, options, max_turns, split="test", flag="--game_options"):
 
 def check_checkpoints(cfg):
     """Fail early on settings that cannot work with the (resolved) checkpoints."""
-    mc = check_checkpoint("--model", cfg.model)
+    path, mc = check_checkpoint("--model", cfg.model)
     if cfg.extractor:
         check_checkpoint("--extractor", cfg.extractor)
     if cfg.topk >= mc.vocab_size:
         raise SystemExit(f"error: --topk {cfg.topk} must be below the vocabulary size {mc.vocab_size} (0: the exact KL)")
+    # the extraction prompt holds the knowledge, a whole trajectory (observations and responses) and the response
+    obs = observation_tokens(modeling.Tokenizer(path), cfg.game, cfg.game_options)
+    need = cfg.knowledge_budget + cfg.max_turns * (obs + cfg.max_new_tokens) + cfg.extract_max_new_tokens
+    if need > mc.max_position_embeddings:
+        raise SystemExit(f"error: knowledge budget + trajectory + response need ~{need} tokens ({cfg.max_turns} turns "
+                         f"of ~{obs} observation tokens), more than the model's context of {mc.max_position_embeddings}; "
+                         "lower --knowledge_budget, --max_new_tokens, --extract_max_new_tokens or --max_turns, or "
+                         "play smaller levels")
     if cfg.model != "tiny":
-        # the extraction prompt holds the knowledge, a whole trajectory and the response
-        need = cfg.knowledge_budget + turns_tokens(cfg.max_turns, cfg.max_new_tokens) + cfg.extract_max_new_tokens
-        if need > mc.max_position_embeddings:
-            raise SystemExit(f"error: knowledge budget + trajectory + response need ~{need} tokens, more than the "
-                             f"model's context of {mc.max_position_embeddings}; lower --knowledge_budget or --max_new_tokens")
         P = num_params(mc)
         disk = (4 * cfg.rounds + 2 * 12) * P  # float32 round checkpoints; consolidation state (weights + Adam) twice while replaced
         make_out_dir(cfg.out_dir)
@@ -177,18 +181,21 @@ def make_out_dir(path):
         raise SystemExit(f"error: --out_dir {path}: {e}") from None
 
 
-def turns_tokens(max_turns, max_new_tokens):
-    """Rough token count of an episode's turns in a prompt: each observation (~512) and response."""
-    return max_turns * (max_new_tokens + 512)
+def observation_tokens(tok, game, options, split="test"):
+    """Rough token count of one observation in a prompt, from the first level of `split`: its first observation, plus
+    the action and feedback around later ones; at least 512."""
+    env = games.make_games(game, split, 1, **oel.game_settings(options))[0]
+    return max(512, len(tok.encode(games.first_observation(env))) + 64)
 
 
-def check_checkpoint(flag, path) -> modeling.ModelConfig:
-    """model.check_checkpoint (config, tokenizer, weight headers; no weights read) with a one-line error."""
+def check_checkpoint(flag, path) -> tuple[Path, modeling.ModelConfig]:
+    """model.check_checkpoint (config, tokenizer, weight headers; no weights read) with a one-line error: (directory,
+    config)."""
     if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "base")):
         raise SystemExit(f"error: {flag} {path} is a train.py run folder; pass one of its checkpoints, e.g. "
                          f"{os.path.join(path, 'r0', 'model')}")
     try:
-        return modeling.check_checkpoint(path)[1]
+        return modeling.check_checkpoint(path)
     except (OSError, ValueError, TypeError, NotImplementedError, SafetensorError) as e:
         raise SystemExit(f"error: {flag} {path}: {e}") from None
 

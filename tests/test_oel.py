@@ -941,6 +941,22 @@ def test_eval_takes_the_models_run_and_the_contexts_budget(tmp_path, monkeypatch
     assert evaluation.run_setting("knowledge_budget", str(tmp_path / "a" / "inner" / "r0" / "pool.json")) == 200
 
 
+def test_prompt_length_checks_measure_the_games_observations(tiny, tmp_path, capsys):
+    """train.py (also for the tiny preset) and eval.py check prompt lengths against the model's context with the
+    game's own observation size: a 24x24 board takes thousands of tokens a turn, not the 512 small boards are given."""
+    big, out = ["--game_options", '{"size": 24, "holes": 1}'], ["--out_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match=r"\(2 turns of ~\d{4} observation tokens\), more than the model's context of 8192"):
+        train.check(train.parse_args(["--model", "tiny", *big, "--max_turns", "2", *out]))
+    train.check(train.parse_args(["--model", "tiny", *big, "--max_turns", "1", *out]))  # one turn fits
+    with pytest.raises(SystemExit, match="more than the model's context of 8192"):  # the tiny preset's budget counts
+        train.check(train.parse_args(["--model", "tiny", "--context", "raw", "--knowledge_budget", "9000", *out]))
+    with pytest.raises(SystemExit):
+        evaluation.main(["--model", "tiny", "--options", big[1], "--max_turns", "2", "--n", "1", "--out",
+                         str(tmp_path / "r.json")])
+    assert re.search(r"\(2 observations of ~\d{4}\), more than the model's context of 8192", capsys.readouterr().err)
+    assert train.observation_tokens(tiny[1], "sokoban", "") == 512  # small boards: the floor
+
+
 def test_eval_warns_of_empty_contexts_checks_the_whole_prompt_and_plots_both_sets(tiny, tmp_path, monkeypatch, capsys):
     """A pool text that the budget empties is warned of; the prompt-length check counts every turn's observation;
     a context-free evaluation does not count a budget; the plot draws the test and OOD pass rates per round."""
