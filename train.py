@@ -107,6 +107,9 @@ def check_settings(cfg):
         check_game(cfg.game, cfg.game_options, cfg.max_turns)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if cfg.n_ood and cfg.ood_game == cfg.game and oel.same_setting("game_options", cfg.game_options, "", cfg.game):
+        raise SystemExit(f"error: --ood_game {cfg.ood_game} is the game trained on, with its default options (as the "
+                         "out-of-distribution set plays it): pass another --ood_game, or --n_ood 0")
 
 
 def check_game(game, options, max_turns, split="test", flag="--game_options"):

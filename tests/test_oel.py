@@ -386,6 +386,13 @@ def test_train_rejects_bad_settings(tmp_path, capsys):
         train.check_settings(train.parse_args(["--model", "tiny", "--context", "raws"]))
     with pytest.raises(SystemExit, match="unknown game 'chess'"):
         train.check_settings(oel.OELConfig(model="tiny", ood_game="chess"))
+    for game, ood in (("textworld", []), ("frozenlake", ["--ood_game", "frozenlake"])):  # the default ood_game; another
+        with pytest.raises(SystemExit, match=f"--ood_game {game} is the game trained on, with its default options"):
+            train.check_settings(train.parse_args(["--model", "tiny", "--game", game, *ood]))
+    train.check_settings(train.parse_args(["--model", "tiny", "--game", "frozenlake", "--ood_game", "frozenlake",
+                                           "--n_ood", "0"]))  # no out-of-distribution set
+    train.check_settings(train.parse_args(["--model", "tiny", "--game", "frozenlake", "--ood_game", "frozenlake",
+                                           "--game_options", '{"size": 4, "holes": 2}', "--max_turns", "6"]))
     with pytest.raises(SystemExit):
         train.parse_args(["--thinking", "maybe"])
     with pytest.raises(SystemExit, match="--game_options"):
