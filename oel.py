@@ -389,6 +389,9 @@ def consolidate(student, teacher, tok, prompts, pool, cfg, state_path=None, r=0)
     prompts: (game, state) pairs; pool: knowledge texts. Resumes from `state_path` when it exists.
     """
     teacher.eval().requires_grad_(False)
+    if len(prompts) < cfg.batch_size:
+        print(f"round {r} | warning: {len(prompts)} deploy turns for a --batch_size of {cfg.batch_size}: every step "
+              "uses some of them more than once")
     adamw = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     if cfg.offload_optimizer:
         opt = OffloadedAdamW(student.parameters(), **adamw)

@@ -94,6 +94,9 @@ def check_settings(cfg):
         raise SystemExit("error: --n_ood, --topk, --seed and --weight_decay must be >= 0 (and finite)")
     if max(cfg.n_train, cfg.n_test, cfg.n_ood) > games.MAX_GAMES:
         raise SystemExit(f"error: --n_train, --n_test and --n_ood must be <= {games.MAX_GAMES}")
+    if cfg.n > cfg.n_train:
+        raise SystemExit(f"error: --n {cfg.n} is more than --n_train {cfg.n_train}: each accumulation reads n of the "
+                         "round's deploy games")
     if not all(0 < x < math.inf for x in (cfg.lr, cfg.kl_temperature, cfg.grad_clip)):  # NaN fails too
         raise SystemExit("error: --lr, --kl_temperature and --grad_clip must be finite and > 0")
     if cfg.context not in ("knowledge", "raw"):

@@ -416,6 +416,9 @@ def test_train_rejects_bad_settings(tmp_path, capsys):
         train.check_settings(train.parse_args(["--model", "tiny", "--grad_clip", "-1"]))
     with pytest.raises(SystemExit, match="--n_train, --n_test and --n_ood must be <= 10000"):
         train.check_settings(train.parse_args(["--model", "tiny", "--n_train", "10001"]))
+    with pytest.raises(SystemExit, match="--n 9 is more than --n_train 8: each accumulation reads n"):
+        train.check_settings(train.parse_args(["--model", "tiny", "--n", "9"]))  # the preset's n_train
+    train.check_settings(train.parse_args(["--model", "tiny", "--n", "8"]))
     with pytest.raises(SystemExit, match="--extractor is unused with --context raw"):
         train.check_settings(train.parse_args(["--model", "tiny", "--context", "raw", "--extractor", "tiny"]))
     for flag in ("--grad_ckpt", "--show_knowledge"):  # plain true/false flags take no 'none'
@@ -1203,6 +1206,17 @@ def test_infinite_gradient_norm_stops_before_the_update(monkeypatch):
         oel.consolidate(student, oel.frozen_copy(student, torch.float32), tok, states("sokoban", "train", 2, 0),
                         [KNOWLEDGE], cfg)
     assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+
+
+def test_consolidation_warns_when_a_step_has_more_prompts_than_the_round(capsys):
+    """A batch larger than the round's deploy turns is warned of (each step repeats prompts); one that fits is not."""
+    student, tok = modeling.load("tiny")
+    teacher = oel.frozen_copy(student, torch.float32)
+    for batch_size, warned in ((3, True), (2, False)):
+        cfg = oel.OELConfig(max_new_tokens=2, batch_size=batch_size, micro_batch=3, steps=1)
+        oel.consolidate(student, teacher, tok, states("sokoban", "train", 2, 0), [KNOWLEDGE], cfg, r=1)
+        out = capsys.readouterr().out
+        assert ("round 1 | warning: 2 deploy turns for a --batch_size of 3" in out) == warned
 
 
 def test_step_log_is_the_per_token_kl():
