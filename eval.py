@@ -22,7 +22,7 @@ import torch
 import games
 import model as modeling
 import oel
-from train import check_checkpoint, check_game, observation_tokens, parse_bool_or_none, resolve_model, stop_on_ctrl_c
+from train import check_checkpoint, check_game, cli, observation_tokens, parse_bool_or_none, resolve_model, stop_on_ctrl_c
 
 
 def contexts(mode, path, tok, budget, loaded=None):
@@ -207,4 +207,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -641,7 +641,11 @@ def tiny_dir() -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache))
         tmp.chmod(0o755)
-        make_tiny(tmp)
+        try:
+            make_tiny(tmp)
+        except BaseException:  # Ctrl-C included: no half-built folder left in the cache
+            shutil.rmtree(tmp)
+            raise
         try:
             tmp.rename(path)  # atomic: concurrent builders race harmlessly
         except OSError:

@@ -206,6 +206,16 @@ def check_checkpoint(flag, path) -> tuple[Path, modeling.ModelConfig]:
         raise SystemExit(f"error: {flag} {path}: {e}") from None
 
 
+def cli(main):
+    """Run main(); a Ctrl-C before it sets stop_on_ctrl_c (during the checks, a download or the tiny preset's build)
+    also ends with one line, once the KeyboardInterrupt has cleaned up."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted before any work started", file=sys.stderr)
+        sys.exit(130)
+
+
 @contextlib.contextmanager
 def stop_on_ctrl_c(advice):
     """Ctrl-C stops the process at once, as a kill would (files are written whole or not at all), with one line."""
@@ -267,4 +277,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -320,6 +320,31 @@ def test_eval_ctrl_c_is_one_line(tmp_path):
     assert err.strip().splitlines()[-1] == "interrupted: the evaluation stopped; rerun it to start over"
 
 
+CTRL_C_IN_TINY_BUILD = r'''
+import os, runpy, signal, sys
+import model
+def make_tiny(path):  # the build, interrupted halfway through
+    open(os.path.join(path, "tokenizer.json"), "w").close()
+    os.kill(os.getpid(), signal.SIGINT)
+model.make_tiny = make_tiny
+sys.argv = [sys.argv[1], "--model", "tiny", *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_ctrl_c_before_any_work_is_one_line_and_leaves_no_half_built_preset(script, tmp_path):
+    """Ctrl-C before the run's own handler is set (here: while the tiny preset is built, on first use) ends train.py
+    and eval.py with one line (exit status 130), not a traceback, and leaves no half-built folder in the cache."""
+    env = {**os.environ, "OEL_CACHE": str(tmp_path / "cache")}
+    args = [script, "--out_dir" if script == "train.py" else "--out", str(tmp_path / "out")]
+    res = subprocess.run([sys.executable, "-c", CTRL_C_IN_TINY_BUILD, *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 130 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == "interrupted before any work started"
+    assert os.listdir(tmp_path / "cache") == []
+
+
 def session_processes(sid):
     """Pids of the live processes in session sid (Linux /proc)."""
     pids = []
