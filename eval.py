@@ -38,7 +38,8 @@ def contexts(mode, path, tok, budget, loaded=None):
     else:
         texts = [oel.raw_context(loaded, tok, budget)]
     if not any(texts):
-        raise SystemExit(f"error: nothing of {path} fits in a budget of {budget} tokens: the {mode} context is empty")
+        raise SystemExit(f"error: nothing of {path} fits in a budget of {budget} tokens: the {mode} context is empty "
+                         "(raise --budget)")
     if not all(texts):
         print(f"warning: {sum(not t for t in texts)} of the {len(texts)} contexts in {path} are empty")
     return texts

@@ -564,8 +564,9 @@ def check_resume(cfg):
     old = {k: old.get(k, getattr(OELConfig, k)) for k in asdict(cfg)}  # a setting newer than the run: its default
     diff = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and not same_setting(k, old[k], v, cfg.game)]
     if diff:
-        raise SystemExit(f"error: {cfg.out_dir} holds a run made with other settings ({', '.join(diff)}); "
-                         "rerun with the same flags to resume it, or pass a new --out_dir")
+        was = "; ".join(f"{k} {old[k]!r} there, {getattr(cfg, k)!r} now" for k in diff)
+        raise SystemExit(f"error: {cfg.out_dir} holds a run made with other settings ({', '.join(diff)}) than now "
+                         f"({was}); rerun with the same flags to resume it, or pass a new --out_dir")
     done = [r for r in range(old.get("rounds", 0)) if os.path.exists(os.path.join(cfg.out_dir, f"r{r}"))]
     if done and cfg.rounds <= done[-1]:  # metrics.jsonl would drop the later rounds
         raise SystemExit(f"error: {cfg.out_dir} already has round {done[-1]}: --rounds cannot go below {done[-1] + 1}")

@@ -197,6 +197,9 @@ def observation_tokens(tok, game, options, split="test"):
 def check_checkpoint(flag, path) -> tuple[Path, modeling.ModelConfig]:
     """model.check_checkpoint (config, tokenizer, weight headers; no weights read) with a one-line error: (directory,
     config)."""
+    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model", "config.json")):
+        raise SystemExit(f"error: {flag} {path} is a round folder of a train.py run; pass its checkpoint, "
+                         f"{os.path.join(path, 'model')}")
     if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "base")):
         raise SystemExit(f"error: {flag} {path} is a train.py run folder; pass one of its checkpoints, e.g. "
                          f"{os.path.join(path, 'r0', 'model')}")

@@ -281,7 +281,7 @@ def test_two_round_run_writes_everything_and_resumes_after_kill(tmp_path):
     r1_ref, _ = modeling.load(str(ref / "r1" / "model"))
     for (k, v), v_ref in zip(r1.state_dict().items(), r1_ref.state_dict().values()):
         assert torch.allclose(v, v_ref, rtol=0, atol=1e-6), k
-    with pytest.raises(SystemExit, match=r"other settings \(K, lr\)"):
+    with pytest.raises(SystemExit, match=r"other settings \(K, lr\) than now \(K 2 there, 3 now; lr 0.001 there, 0.1 now\)"):
         oel.check_resume(train.parse_args(args + ["--K", "3", "--lr", "0.1"]))
     oel.check_resume(train.parse_args(args + ["--rounds", "3"]))  # extending a run is fine
     with pytest.raises(SystemExit, match="--rounds cannot go below 2"):  # metrics.jsonl would lose round 1
@@ -860,6 +860,10 @@ def test_eval_takes_the_settings_of_the_run(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="is a train.py run folder; pass one of its checkpoints"):
         (tmp_path / "run" / "base").mkdir()
         evaluation.main(["--model", str(tmp_path / "run")])
+    (tmp_path / "round" / "model").mkdir(parents=True)  # a round's folder: its checkpoint is named
+    (tmp_path / "round" / "model" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=f"is a round folder of a train.py run; pass its checkpoint, {tmp_path}/round/model$"):
+        evaluation.main(["--model", str(tmp_path / "round")])
 
 
 def test_eval_context_names_and_empty_contexts(tiny, tmp_path, monkeypatch, capsys):
@@ -872,7 +876,7 @@ def test_eval_context_names_and_empty_contexts(tiny, tmp_path, monkeypatch, caps
     outs = sorted(p.name for p in tmp_path.glob("eval_*.json"))
     assert [o[:-12] for o in outs] == [f"eval_tiny_frozenlake_test_n1_s0_think_t1_m2_knowledge_{tmp_path.name}-{x}" for x in "ab"]
     assert json.loads((tmp_path / outs[1]).read_text())["context"] == str(tmp_path / "b.md")
-    with pytest.raises(SystemExit, match="context is empty"):
+    with pytest.raises(SystemExit, match=r"context is empty \(raise --budget\)"):
         evaluation.contexts("knowledge", str(tmp_path / "a.md"), tiny[1], 5)
     (tmp_path / "pool.json").write_text(json.dumps(["", ""]))
     with pytest.raises(SystemExit, match="holds no knowledge context"):
