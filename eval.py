@@ -201,8 +201,8 @@ def main(argv=None):
     out = a.out or default_out(a.model, f"{game}_{a.split}_n{a.n}_s{a.seed}_{chat}{limits}_{a.mode}{tag}")
     setting = {k: getattr(a, k) for k in ("model", "game", "split", "n", "seed", "options", "mode", "context",
                                           "thinking", "max_turns", "max_new_tokens")}
+    games.save_trajectories(out.removesuffix(".json") + ".jsonl", trajs)  # first: a result comes with its games
     oel.atomic_write(out, json.dumps({**setting, "budget": budget if ctxs != [None] else None, **metrics}, indent=2))
-    games.save_trajectories(out.removesuffix(".json") + ".jsonl", trajs)
     print(json.dumps(metrics))
     print(f"wrote {out} and its trajectories, {out.removesuffix('.json')}.jsonl")
 

@@ -6,7 +6,7 @@ Games share one interface (a new game is a dataclass with it, registered in ENVS
   its dataclass fields (typed: --game_options sets them from JSON), plus `seed` (the level);
   reset(seed=None) -> observation (raise RuntimeError when the settings admit no level);
   step(action) -> observation, reward, done, info{'won'}; solve() -> a winning action list from the current state
-  (None if there is none); valid_actions() -> the lower-case action strings; close().
+  (None if there is none, or, in Sokoban, none within max_moves); valid_actions() -> the lower-case action strings; close().
 - FrozenLake and Sokoban: plain-Python versions of TextArena's FrozenLake-v0 and Sokoban-v0 (same boards
   and rules, checked move by move against TextArena in tests; messages close to its own). Levels come from a
   seed and are resampled until the BFS solver solves them (Sokoban: in 2 to 5 moves, so every level can be
@@ -104,7 +104,7 @@ class Board:
         self.done, self.won = False, False
         self.setup({(r, c): x for r, row in enumerate(rows) for c, x in enumerate(row)})
         solution = self.solve()
-        self.optimal = None if solution is None else len(solution)  # fewest moves to win, None if unsolvable
+        self.optimal = None if solution is None else len(solution)  # fewest moves to win; None: see solve()
         return self.observation()
 
     def step(self, action: str | None):

@@ -35,7 +35,7 @@ import oel
 
 # --model tiny: sizes that run the whole loop on a CPU in minutes (flags given explicitly still win)
 TINY_RUN = dict(out_dir="runs/tiny", n_train=8, n_test=8, n_ood=2, K=2, n=4, knowledge_budget=256, steps=4,
-            batch_size=4, micro_batch=4, max_new_tokens=32, extract_max_new_tokens=32, max_turns=4, save_every=2)
+                batch_size=4, micro_batch=4, max_new_tokens=32, extract_max_new_tokens=32, max_turns=4, save_every=2)
 
 
 def field_help():
@@ -95,8 +95,9 @@ def check_settings(cfg):
     if max(cfg.n_train, cfg.n_test, cfg.n_ood) > games.MAX_GAMES:
         raise SystemExit(f"error: --n_train, --n_test and --n_ood must be <= {games.MAX_GAMES}")
     if cfg.n > cfg.n_train:
-        raise SystemExit(f"error: --n {cfg.n} is more than --n_train {cfg.n_train}: each accumulation reads n of the "
-                         "round's deploy games")
+        preset = " (the tiny preset's)" if cfg.model == "tiny" and cfg.n == TINY_RUN["n"] else ""
+        raise SystemExit(f"error: --n {cfg.n}{preset} is more than --n_train {cfg.n_train}: each accumulation reads n "
+                         "of the round's deploy games")
     if not all(0 < x < math.inf for x in (cfg.lr, cfg.kl_temperature, cfg.grad_clip)):  # NaN fails too
         raise SystemExit("error: --lr, --kl_temperature and --grad_clip must be finite and > 0")
     if cfg.context not in ("knowledge", "raw"):
@@ -210,12 +211,12 @@ def check_checkpoint(flag, path) -> tuple[Path, modeling.ModelConfig]:
 
 
 def cli(main):
-    """Run main(); a Ctrl-C before it sets stop_on_ctrl_c (during the checks, a download or the tiny preset's build)
-    also ends with one line, once the KeyboardInterrupt has cleaned up."""
+    """Run main(); a Ctrl-C outside its stop_on_ctrl_c (the checks, a download, the tiny preset's build, the last
+    writes) also ends with one line, once the KeyboardInterrupt has cleaned up."""
     try:
         main()
     except KeyboardInterrupt:
-        print("\ninterrupted before any work started", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
 
 

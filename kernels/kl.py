@@ -118,7 +118,8 @@ BLOCK_V, NUM_WARPS = 4096, 4  # the launch (see the docstring); bench/kl_sweep.p
 
 
 def kl_rows_triton(s, t, grad, valid, count, temperature, reverse):
-    """Per-row KL [T] (fp32, 0 on masked rows); writes dloss/dz_s (already divided by tau * n_valid) into `grad` (may alias s) unless None."""
+    """Per-row KL [T] (fp32, 0 on masked rows); writes dloss/dz_s (already divided by tau * n_valid) into `grad`
+    (which may alias s) unless it is None."""
     T, V = s.shape
     loss = torch.empty(T, dtype=torch.float32, device=s.device)
     g = s if grad is None else grad
