@@ -141,19 +141,20 @@ def main(argv=None):
                    help="default (as for --options, --max_turns, --max_new_tokens and --thinking): the setting of the "
                    "run that made --model, or else of the run --context comes from (with --split ood: its ood_game, "
                    "default options), else train.py's")
-    p.add_argument("--split", default="test", choices=games.SPLITS)
-    p.add_argument("--n", type=int, default=128, help="number of games")
+    p.add_argument("--split", default="test", choices=games.SPLITS, help="level set (default: test)")
+    p.add_argument("--n", type=int, default=128, help="number of games (default: 128)")
     p.add_argument("--options", default=argparse.SUPPRESS,
                    help="JSON settings of the game, e.g. '{\"size\": 4, \"holes\": 3}'")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mode", default="none", choices=["none", "knowledge", "raw"], help="what goes into the prompt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the level set and sampling (default: 0)")
+    p.add_argument("--mode", default="none", choices=["none", "knowledge", "raw"],
+                   help="what goes into the prompt (default: none)")
     p.add_argument("--context", help="knowledge .md / pool.json (mode knowledge) or trajectories .jsonl (mode raw)")
     p.add_argument("--budget", type=int, help="token budget of the context (default: knowledge_budget of the run "
                    "folder holding --context, else OELConfig's)")
     p.add_argument("--thinking", type=parse_bool_or_none, default=argparse.SUPPRESS,
                    help="true | false | none (instruct models); default: as for --game")
-    p.add_argument("--max_turns", type=int, default=argparse.SUPPRESS)
-    p.add_argument("--max_new_tokens", type=int, default=argparse.SUPPRESS)
+    p.add_argument("--max_turns", type=int, default=argparse.SUPPRESS, help="default: as for --game")
+    p.add_argument("--max_new_tokens", type=int, default=argparse.SUPPRESS, help="default: as for --game")
     p.add_argument("--out", help="result JSON (default: eval_<game>[-<option><value>...]_<split>_n<n>_s<seed>_<chat>"
                    "[_t<max_turns>][_m<max_new_tokens>]_<mode>[_<context>].json beside a checkpoint folder, with the "
                    "folder's name after eval_ unless it is a run's model folder (options and limits named when not "

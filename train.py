@@ -64,7 +64,7 @@ def parse_args(argv=None):
         kind = {bool: parse_bool, bool | None: parse_bool_or_none}.get(f.type, type(f.default))
         p.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
                        choices=list(games.ENVS) if f.name in ("game", "ood_game") else None,
-                       help=f"{helps.get(f.name, '')} (default: {f.default})")
+                       help=f"{helps.get(f.name, '')} (default: {f.default!r})")
     given = vars(p.parse_args(argv))  # only the flags given (--thinking none included)
     preset = TINY_RUN if given.get("model") == "tiny" else {}
     return oel.OELConfig(**{**preset, **given})
