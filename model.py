@@ -308,9 +308,12 @@ def check_checkpoint(path_or_name) -> tuple[Path, ModelConfig]:
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {path}")
     try:
-        tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
     except Exception as e:  # the tokenizers library raises a bare Exception
         raise ValueError(f"{path / 'tokenizer.json'} is not a tokenizer: {e}") from None
+    if missing := [t for t in (IM_START, IM_END) if tok.token_to_id(t) is None]:
+        raise ValueError(f"{path / 'tokenizer.json'} has no {' or '.join(missing)} token: Tokenizer.chat writes Qwen's "
+                         "chat format (ChatML, as Qwen2/2.5/3 and SmolLM2 use), which this model was not trained on")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
     found = set()

@@ -179,6 +179,17 @@ def test_error_missing_dir(tmp_path):
         M.load(tmp_path)
 
 
+def test_error_tokenizer_without_chat_tokens(ckpt):
+    """A tokenizer lacking <|im_start|>/<|im_end|> (e.g. Llama 3's) is refused: the chat format written here would be
+    plain text to its model."""
+    import tokenizers
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.train_from_iterator(["move up", "move down"], tokenizers.trainers.BpeTrainer(special_tokens=["<|endoftext|>"]))
+    tok.save(str(ckpt / "tokenizer.json"))
+    with pytest.raises(ValueError, match="has no <\\|im_start\\|> or <\\|im_end\\|> token: Tokenizer.chat writes Qwen's"):
+        M.load(ckpt)
+
+
 def test_error_missing_shard(tmp_path, tiny):
     """A shard listed in the index but absent is named."""
     hf_model("qwen3-untied").save_pretrained(tmp_path, max_shard_size="40KB")
