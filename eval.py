@@ -143,7 +143,7 @@ def main(argv=None):
                    "default options), else train.py's")
     p.add_argument("--split", default="test", choices=games.SPLITS, help="level set (default: test)")
     p.add_argument("--n", type=int, default=128, help="number of games (default: 128)")
-    p.add_argument("--options", default=argparse.SUPPRESS,
+    p.add_argument("--options", "--game_options", dest="options", default=argparse.SUPPRESS,
                    help="JSON settings of the game, e.g. '{\"size\": 4, \"holes\": 3}'")
     p.add_argument("--seed", type=int, default=0, help="seed of the level set and sampling (default: 0)")
     p.add_argument("--mode", default="none", choices=["none", "knowledge", "raw"],
@@ -196,7 +196,8 @@ def main(argv=None):
         if a.context else ""
     chat = {True: "think", False: "nothink", None: "instruct"}[a.thinking]
     settings = sorted(oel.game_settings(a.options).items())
-    game = a.game + "".join(f"-{k}{v}" for k, v in settings if v != getattr(games.ENVS[a.game], k))  # frozenlake-size4
+    defaults = games.ENVS[a.game]()
+    game = a.game + "".join(f"-{k}{v}" for k, v in settings if v != getattr(defaults, k))  # frozenlake-size4
     limits = (f"_t{a.max_turns}" if a.max_turns != oel.OELConfig.max_turns else "") + \
         (f"_m{a.max_new_tokens}" if a.max_new_tokens != oel.OELConfig.max_new_tokens else "")
     out = a.out or default_out(a.model, f"{game}_{a.split}_n{a.n}_s{a.seed}_{chat}{limits}_{a.mode}{tag}")

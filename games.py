@@ -2,11 +2,14 @@
 Text games and the rollout engine: what the model plays, and how its play is recorded.
 
 Games share one interface (a new game is a dataclass with it, registered in ENVS):
-  name (ClassVar, its ENVS key) and instruction (ClassVar, the prompt's rules-free instruction); its settings are
-  its dataclass fields (typed: --game_options sets them from JSON), plus `seed` (the level);
-  reset(seed=None) -> observation (raise RuntimeError when the settings admit no level);
-  step(action) -> observation, reward, done, info{'won'}; solve() -> a winning action list from the current state
-  (None if there is none, or, in Sokoban, none within max_moves); valid_actions() -> the lower-case action strings; close().
+  name (ClassVar, its ENVS key) and instruction (ClassVar, the prompt's rules-free instruction, which asks for the
+  action in [square brackets]); its settings are its dataclass fields (typed: --game_options sets them from JSON;
+  ValueError from __post_init__ for bad ones; not named `exclude`), plus `seed` (the level);
+  reset(seed=None) -> observation (RuntimeError when the settings admit no level). The first observation identifies
+  the level: the deploy games leave out levels that start like a test level, so levels that differ should start
+  differently; step(action) -> observation, reward, done, info{'won'} (RuntimeError once done); solve() -> a
+  winning action list from the current state (None if there is none, or, in Sokoban, none within max_moves);
+  valid_actions() -> the lower-case action strings; close().
 - FrozenLake and Sokoban: plain-Python versions of TextArena's FrozenLake-v0 and Sokoban-v0 (same boards
   and rules, checked move by move against TextArena in tests; messages close to its own). Levels come from a
   seed and are resampled until the BFS solver solves them (Sokoban: in 2 to 5 moves, so every level can be
@@ -453,7 +456,7 @@ def option_value(what: str, v, t):
     return v
 
 
-def make_games(game: str, split: str, n: int, seed: int = 0, exclude=(), **options) -> list:
+def make_games(game: str, split: str, n: int, /, seed: int = 0, exclude=(), **options) -> list:
     """n games of a named, reproducible set. `train`: pass a fresh seed every round (e.g. the round number);
     `test`: the held-out levels (the paper uses 128, seed 0); `ood`: another disjoint set, meant for a game
     the model was not trained on. options: the game's settings (FrozenLake size/holes, Sokoban size/boxes,

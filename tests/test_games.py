@@ -190,9 +190,11 @@ def test_clear_errors(monkeypatch):
     class Slippery(FrozenLake):
         name: ClassVar[str] = "slippery"
         slippery: bool = False
+        n: int = 0  # make_games' own parameter names are free for options
 
     monkeypatch.setitem(games.ENVS, "slippery", Slippery)
     assert make_games("slippery", "test", 1, slippery=True)[0].slippery  # a bool option takes a bool
+    assert make_games("slippery", "test", 1, n=2)[0].n == 2
 
 
 def test_option_types_follow_the_annotations(monkeypatch):

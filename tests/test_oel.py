@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import types
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import pytest
@@ -581,6 +581,7 @@ class Line:
     instruction: ClassVar[str] = "Walk to the end. Wrap your action in square brackets, e.g. [right]."
     length: "int" = 3
     slip: "float | None" = None  # unused: an option typed float
+    marks: "list[int]" = field(default_factory=list)  # unused: an option with a default factory
     seed: "int | None" = None
 
     def reset(self, seed=None):
@@ -605,6 +606,18 @@ class Line:
 
     def close(self):
         pass
+
+
+def test_eval_plays_a_new_games_options(tmp_path, monkeypatch):
+    """eval.py plays a new game with its options (--game_options, as train.py names it, or --options) and names the
+    result by those that differ from the defaults, one with a default factory included."""
+    monkeypatch.setitem(games.ENVS, "line", Line)
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", "tiny", "--game", "line", "--n", "1", "--max_turns", "1", "--max_new_tokens", "1"]
+    evaluation.main(args + ["--game_options", '{"length": 4, "marks": [1]}'])
+    evaluation.main(args + ["--options", '{"marks": []}'])  # the default
+    assert sorted(p.name for p in tmp_path.glob("eval_*.json")) == [
+        "eval_tiny_line-length4-marks[1]_test_n1_s0_think_t1_m1_none.json", "eval_tiny_line_test_n1_s0_think_t1_m1_none.json"]
 
 
 def test_a_new_game_gets_its_instruction_options_and_checks(monkeypatch):
