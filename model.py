@@ -311,6 +311,9 @@ def check_checkpoint(path_or_name) -> tuple[Path, ModelConfig]:
         tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
     except Exception as e:  # the tokenizers library raises a bare Exception
         raise ValueError(f"{path / 'tokenizer.json'} is not a tokenizer: {e}") from None
+    if (n := max(tok.get_vocab().values(), default=-1) + 1) > cfg.vocab_size:
+        raise ValueError(f"{path / 'tokenizer.json'} has token ids up to {n - 1}, but config.json's vocab_size is "
+                         f"{cfg.vocab_size}: the model has no embedding for the ids beyond")
     if missing := [t for t in (IM_START, IM_END) if tok.token_to_id(t) is None]:
         raise ValueError(f"{path / 'tokenizer.json'} has no {' or '.join(missing)} token: Tokenizer.chat writes Qwen's "
                          "chat format (ChatML, as Qwen2/2.5/3 and SmolLM2 use), which this model was not trained on")

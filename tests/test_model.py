@@ -12,7 +12,8 @@ import model as M
 
 transformers = pytest.importorskip("transformers")
 
-SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+SMALL = dict(vocab_size=1024,  # the tiny tokenizer's ids fit
+             hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -77,7 +78,7 @@ def test_load_matches_transformers(name, tmp_path, tiny):
     ref.save_pretrained(tmp_path)
     tiny[1].save(tmp_path)  # load() also wants a tokenizer
     ours, _ = M.load(tmp_path)
-    idx = torch.randint(0, 128, (2, 13))
+    idx = torch.randint(0, 1024, (2, 13))
     with torch.no_grad():
         diff = (ours(idx) - hf_logits(ref, idx)).abs().max().item()
     assert diff < 1e-5, diff
@@ -93,7 +94,7 @@ def test_save_loads_in_transformers(name, tmp_path, tiny):
     M.save(ours, tok, tmp_path / "ours")
     assert ("lm_head.weight" in load_file(tmp_path / "ours" / "model.safetensors")) == (name == "llama3-untied")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
-    idx = torch.randint(0, 128, (2, 13))
+    idx = torch.randint(0, 1024, (2, 13))
     with torch.no_grad():
         assert (hf_logits(back, idx) - ours(idx)).abs().max().item() < 1e-5
 
@@ -105,7 +106,7 @@ def test_sharded_checkpoint(tmp_path, tiny):
     tiny[1].save(tmp_path)
     assert (tmp_path / "model.safetensors.index.json").exists()
     ours, _ = M.load(tmp_path)
-    idx = torch.randint(0, 128, (1, 9))
+    idx = torch.randint(0, 1024, (1, 9))
     with torch.no_grad():
         assert (ours(idx) - hf_logits(ref, idx)).abs().max().item() < 1e-5
 
@@ -176,6 +177,14 @@ def test_error_missing_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         M.load(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="no config.json"):
+        M.load(tmp_path)
+
+
+def test_error_tokenizer_larger_than_the_vocabulary(tmp_path, tiny):
+    """A tokenizer with ids beyond the model's vocab_size is refused by name (they would fail as an index error)."""
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**SMALL, "vocab_size": 128})).save_pretrained(tmp_path)
+    tiny[1].save(tmp_path)
+    with pytest.raises(ValueError, match="has token ids up to 1023, but config.json's vocab_size is 128"):
         M.load(tmp_path)
 
 
