@@ -142,10 +142,12 @@ def main(argv=None):
                    "run that made --model, or else of the run --context comes from (with --split ood: its ood_game, "
                    "default options), else train.py's")
     p.add_argument("--split", default="test", choices=games.SPLITS, help="level set (default: test)")
-    p.add_argument("--n", type=int, default=128, help="number of games (default: 128)")
+    p.add_argument("--n", type=int, default=argparse.SUPPRESS, help="number of games (default: as for --game, the "
+                   "run's n_test for --split test and its n_ood for ood, OELConfig's outside a run; 128 for train)")
     p.add_argument("--options", "--game_options", dest="options", default=argparse.SUPPRESS,
                    help="JSON settings of the game, e.g. '{\"size\": 4, \"holes\": 3}'")
-    p.add_argument("--seed", type=int, default=0, help="seed of the level set and sampling (default: 0)")
+    p.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of the level set and sampling (default: "
+                   "as for --game, so a run's checkpoint plays the run's own held-out levels)")
     p.add_argument("--mode", default="none", choices=["none", "knowledge", "raw"],
                    help="what goes into the prompt (default: none)")
     p.add_argument("--context", help="knowledge .md / pool.json (mode knowledge) or trajectories .jsonl (mode raw)")
@@ -171,8 +173,10 @@ def main(argv=None):
     a.game = vars(a).get("game", run_setting("ood_game" if run_ood else "game", *runs))
     own = a.game == run_setting("game", *runs) and not run_ood
     a.options = vars(a).get("options", run_setting("game_options", *runs) if own else "")
-    for key in ("max_turns", "max_new_tokens", "thinking"):
+    for key in ("max_turns", "max_new_tokens", "thinking", "seed"):
         setattr(a, key, vars(a).get(key, run_setting(key, *runs)))
+    size = {"test": "n_test", "ood": "n_ood"}.get(a.split)  # the run's set; 128 games of another split
+    a.n = vars(a).get("n", (size and run_setting(size, *runs)) or 128)
     loaded = check_args(p, a)  # the context file, read before loading a model
     budget = a.budget if a.budget is not None else run_setting("knowledge_budget", a.context)
     path = resolve_model(a.model)
@@ -204,7 +208,9 @@ def main(argv=None):
     setting = {k: getattr(a, k) for k in ("model", "game", "split", "n", "seed", "options", "mode", "context",
                                           "thinking", "max_turns", "max_new_tokens")}
     games.save_trajectories(out.removesuffix(".json") + ".jsonl", trajs)  # first: a result comes with its games
-    oel.atomic_write(out, json.dumps({**setting, "budget": budget if ctxs != [None] else None, **metrics}, indent=2))
+    empty = sum(c == "" for c in ctxs)  # texts the budget emptied: their share of the games had no context (warned)
+    oel.atomic_write(out, json.dumps({**setting, "budget": budget if ctxs != [None] else None, "empty_contexts": empty,
+                                      **metrics}, indent=2))
     print(json.dumps(metrics))
     print(f"wrote {out} and its trajectories, {out.removesuffix('.json')}.jsonl")
 

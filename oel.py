@@ -572,6 +572,11 @@ def check_resume(cfg):
         raise SystemExit(f"error: {cfg.out_dir} already has round {done[-1]}: --rounds cannot go below {done[-1] + 1}")
 
 
+def metric_text(key, value):
+    """A metric as the logs show it: rates to 3 decimals, token and step counts to 1 (never 1.02e+03)."""
+    return f"{value:.3f}" if key.endswith("rate") else f"{value:.1f}"
+
+
 def run(cfg, device="cpu"):
     """The whole OEL loop; every stage found on disk is skipped. Returns the metrics rows (base model: round -1)."""
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -595,7 +600,7 @@ def run(cfg, device="cpu"):
         rows.append({"round": r, **{f"{s}_{k}": v for s, d in res.items() for k, v in d.items()}})
         atomic_write(os.path.join(cfg.out_dir, "metrics.jsonl"), "".join(json.dumps(x) + "\n" for x in rows))
         shown = ("test_pass_rate", "test_tokens_per_turn", "test_mean_steps", "ood_pass_rate")
-        print(f"round {r} | eval | " + " | ".join(f"{k} {rows[-1][k]:.3g}" for k in shown if k in rows[-1]))
+        print(f"round {r} | eval | " + " | ".join(f"{k} {metric_text(k, rows[-1][k])}" for k in shown if k in rows[-1]))
 
     ckpt = cfg.model  # the model at the start of round r
     for r in range(-1, cfg.rounds):

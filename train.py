@@ -258,8 +258,8 @@ def summary(rows):
             ("test_mean_steps", "steps"), ("ood_pass_rate", "ood pass")]
     lines = [" | ".join(f"{h:>10}" for _, h in cols)]
     for r in rows:
-        lines.append(" | ".join(f"{r.get(k, float('nan')):>10.3g}" if k != "round" else f"{('base' if r[k] < 0 else r[k]):>10}"
-                                for k, _ in cols))
+        cells = ["base" if r["round"] < 0 else r["round"]] + [oel.metric_text(k, r.get(k, math.nan)) for k, _ in cols[1:]]
+        lines.append(" | ".join(f"{c:>10}" for c in cells))
     return "\n".join(lines)
 
 

@@ -524,10 +524,11 @@ def test_summary_and_ctrl_c_handler():
     """The summary's first row is the base model, round 0 is round 0, a run without an OOD set shows nan; the Ctrl-C
     handler is only in place inside its block (eval.main and train.main can be called from Python)."""
     rows = [{"round": -1, "test_pass_rate": 0.25, "test_tokens_per_turn": 10.0, "test_mean_steps": 3.0},
-            {"round": 0, "test_pass_rate": 0.5, "test_tokens_per_turn": 8.0, "test_mean_steps": 2.0}]
+            {"round": 0, "test_pass_rate": 9 / 128, "test_tokens_per_turn": 1024.25, "test_mean_steps": 2.0}]
     lines = train.summary(rows).splitlines()  # --n_ood 0: no ood_pass_rate
     assert [line.split("|")[0].strip() for line in lines] == ["round", "base", "0"]
     assert [line.split("|")[-1].strip() for line in lines[1:]] == ["nan", "nan"]
+    assert [x.strip() for x in lines[2].split("|")[1:4]] == ["0.070", "1024.2", "2.0"]  # not 0.0703 and 1.02e+03
     before = signal.getsignal(signal.SIGINT)
     with train.stop_on_ctrl_c("x"):
         assert signal.getsignal(signal.SIGINT) is not before
@@ -836,6 +837,24 @@ def test_eval_defaults_follow_the_run(tmp_path, capsys):
     assert "error: --options '{\"size\": 6, \"holes\": 25}' for frozenlake: " in err and "no solvable 6x6 board" in err
 
 
+def test_eval_plays_the_runs_own_held_out_levels(tmp_path):
+    """By default a run's checkpoint plays the run's own test set (its seed and n_test: seed 0 would share levels with
+    the deploy games of a run with another seed) and OOD set (n_ood); flags still choose others."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"seed": 3, "n_test": 2, "n_ood": 3, "game": "sokoban",
+                                                              "ood_game": "frozenlake", "max_turns": 1, "thinking": False}))
+    modeling.save(*modeling.load("tiny"), tmp_path / "run" / "r0" / "model")
+    args = ["--model", str(tmp_path / "run" / "r0" / "model"), "--max_new_tokens", "1"]
+    for extra in ([], ["--split", "ood"], ["--seed", "0", "--n", "1"]):
+        evaluation.main(args + extra)
+    r0 = tmp_path / "run" / "r0"
+    assert sorted(p.name for p in r0.glob("eval_*.json")) == ["eval_frozenlake_ood_n3_s3_nothink_t1_m1_none.json",
+                                                             "eval_sokoban_test_n1_s0_nothink_t1_m1_none.json",
+                                                             "eval_sokoban_test_n2_s3_nothink_t1_m1_none.json"]
+    trajs = games.load_trajectories(r0 / "eval_sokoban_test_n2_s3_nothink_t1_m1_none.jsonl")
+    assert [t.seed for t in trajs] == [e.seed for e in games.make_games("sokoban", "test", 2, seed=3)]
+
+
 def test_eval_takes_the_settings_of_the_run(tmp_path, monkeypatch):
     """A run's checkpoint is evaluated in the run's chat mode, game, game options and turn limit unless flags say
     otherwise (its OOD split: the run's ood_game, default options; another game: default options); each setting is in
@@ -892,6 +911,12 @@ def test_eval_context_names_and_empty_contexts(tiny, tmp_path, monkeypatch, caps
     outs = sorted(p.name for p in tmp_path.glob("eval_*.json"))
     assert [o[:-12] for o in outs] == [f"eval_tiny_frozenlake_test_n1_s0_think_t1_m2_knowledge_{tmp_path.name}-{x}" for x in "ab"]
     assert json.loads((tmp_path / outs[1]).read_text())["context"] == str(tmp_path / "b.md")
+    (tmp_path / "pool2.json").write_text(json.dumps([KNOWLEDGE, "- EXPERIENCE ITEM:" + " long" * 200]))
+    evaluation.main(["--model", "tiny", "--n", "2", "--max_turns", "1", "--max_new_tokens", "2", "--mode", "knowledge",
+                     "--context", str(tmp_path / "pool2.json"), "--budget", "60", "--out", str(tmp_path / "p.json")])
+    result = json.loads((tmp_path / "p.json").read_text())  # one of the games was played without knowledge
+    assert (result["empty_contexts"], result["n"]) == (1, 2) and "1 of the 2 contexts" in capsys.readouterr().out
+    assert json.loads((tmp_path / outs[0]).read_text())["empty_contexts"] == 0
     with pytest.raises(SystemExit, match=r"context is empty \(raise --budget\)"):
         evaluation.contexts("knowledge", str(tmp_path / "a.md"), tiny[1], 5)
     (tmp_path / "pool.json").write_text(json.dumps(["", ""]))
