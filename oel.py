@@ -452,11 +452,15 @@ def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, option
     With `path`, the set is saved there as JSONL (and read back if present); each finished batch is also
     saved to path.part{b} until the set is complete, so an interrupted run replays only the unfinished batch.
     """
+    parts = [f"{path}.part{b}" for b in range(-(-n // batch))] if path else []
     if path and os.path.exists(path):
         print(f"{path} on disk, reused")
+        for p in parts:  # left by a run killed between saving the set and removing them
+            if os.path.exists(p):
+                os.remove(p)
         return games.load_trajectories(path)
     envs = games.make_games(game, split, n, seed=seed, exclude=exclude, **(options or {}))
-    trajs, parts = [], [f"{path}.part{b}" for b in range(-(-n // batch))] if path else []
+    trajs = []
     for i in range(0, n, batch):
         part = parts[i // batch] if path else None
         if part and os.path.exists(part):

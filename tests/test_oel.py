@@ -1082,6 +1082,9 @@ def test_play_keeps_finished_batches(tiny, tmp_path, monkeypatch):
     again = oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path)
     assert calls == [1] and again == full == games.load_trajectories(path)
     assert oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path) == full and calls == [1]
+    games.save_trajectories(path + ".part1", full[2:4])  # as if killed between saving the set and removing its parts
+    assert oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path) == full and calls == [1]
+    assert not any(p.name.startswith("set.jsonl.part") for p in tmp_path.iterdir())
     even = oel.play(m, tok, "sokoban", "test", 4, 0, rcfg, batch=2, path=str(tmp_path / "even.jsonl"))  # n % batch == 0
     assert len(even) == 4 and not any(".part" in p.name for p in tmp_path.iterdir())
 
