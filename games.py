@@ -5,11 +5,11 @@ Games share one interface (a new game is a dataclass with it, registered in ENVS
   name (ClassVar, its ENVS key) and instruction (ClassVar, the prompt's rules-free instruction, which asks for the
   action in [square brackets]); its settings are its dataclass fields (typed: --game_options sets them from JSON;
   ValueError from __post_init__ for bad ones; not named `exclude`), plus `seed` (the level);
-  reset(seed=None) -> observation (RuntimeError when the settings admit no level). The first observation identifies
-  the level: the deploy games leave out levels that start like a test level, so levels that differ should start
-  differently; step(action) -> observation, reward, done, info{'won'} (RuntimeError once done); solve() -> a
-  winning action list from the current state (None if there is none, or, in Sokoban, none within max_moves);
-  valid_actions() -> the lower-case action strings; close().
+  reset(seed=None) -> observation (NoLevel, a RuntimeError, when the settings admit no level). The first
+  observation identifies the level: the deploy games leave out levels that start like a test level, so levels that
+  differ should start differently; step(action) -> observation, reward, done, info{'won'} (RuntimeError once done);
+  solve() -> a winning action list from the current state (None if there is none, or, in Sokoban, none within
+  max_moves); valid_actions() -> the lower-case action strings; close().
 - FrozenLake and Sokoban: plain-Python versions of TextArena's FrozenLake-v0 and Sokoban-v0 (same boards
   and rules, checked move by move against TextArena in tests; messages close to its own). Levels come from a
   seed and are resampled until the BFS solver solves them (Sokoban: in 2 to 5 moves, so every level can be
@@ -53,6 +53,10 @@ MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 VALID_MOVES = ", ".join(f"[{m}]" for m in MOVES)
 KNOWLEDGE_HEADING = ("## Knowledge from earlier games (your guesses at the rules and strategies: maybe incomplete "
                      "or wrong)")
+
+
+class NoLevel(RuntimeError):
+    """A game's settings admit no level for this seed (train.py stops with the message, not a traceback)."""
 
 
 def invalid(action: str | None, valid: str) -> str:
@@ -141,7 +145,7 @@ class FrozenLake(Board):
             obs = self.load("\n".join("".join(cell((r, c)) for c in range(n)) for r in range(n)))
             if self.optimal is not None:
                 return obs
-        raise RuntimeError(f"FrozenLake: no solvable {n}x{n} board with {self.holes} holes found; use fewer holes")
+        raise NoLevel(f"FrozenLake: no solvable {n}x{n} board with {self.holes} holes found; use fewer holes")
 
     def setup(self, cells: dict):
         self.cells, self.hole_cells = set(cells), {p for p, x in cells.items() if x == "H"}
@@ -212,7 +216,7 @@ class Sokoban(Board):
             top = self.optimal if self.max_moves is None else self.max_moves
             if self.optimal is not None and self.min_moves <= self.optimal <= top:
                 return obs
-        raise RuntimeError(f"Sokoban: no {n}x{n} room with {k} boxes solvable in {self.min_moves} to "
+        raise NoLevel(f"Sokoban: no {n}x{n} room with {k} boxes solvable in {self.min_moves} to "
                            f"{self.max_moves} moves found in 10,000 tries (such levels are rare: raise max_moves, or "
                            "lower boxes)")
 
@@ -325,7 +329,7 @@ def make_textworld(kind: str, level: int, seed: int) -> str:
             except QuestGenerationError:
                 continue
         else:
-            raise RuntimeError(f"TextWorld: no {kind} level {level} game could be generated from seed {seed}")
+            raise NoLevel(f"TextWorld: no {kind} level {level} game could be generated from seed {seed}")
         textworld.generator.compile_game(game, options)
         os.replace(os.path.join(tmp, "game.json"), stem + ".json")  # the interpreter's wrapper reads it
         os.replace(os.path.join(tmp, "game.z8"), stem + ".z8")  # last: its presence marks a complete game

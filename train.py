@@ -212,12 +212,15 @@ def check_checkpoint(flag, path) -> tuple[Path, modeling.ModelConfig]:
 
 def cli(main):
     """Run main(); a Ctrl-C outside its stop_on_ctrl_c (the checks, a download, the tiny preset's build, the last
-    writes) also ends with one line, once the KeyboardInterrupt has cleaned up."""
+    writes) also ends with one line, once the KeyboardInterrupt has cleaned up, and so do game settings that admit
+    the first level (which the checks build) but not a later one."""
     try:
         main()
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    except games.NoLevel as e:
+        sys.exit(f"error: {e}; these settings admit the first level, which the checks at the start build")
 
 
 @contextlib.contextmanager

@@ -657,6 +657,25 @@ def test_a_new_game_gets_its_instruction_options_and_checks(monkeypatch):
         train.check_game("chess", "", 5)
 
 
+def test_settings_without_a_later_level_end_with_one_line(tmp_path, monkeypatch):
+    """Settings that admit the first level (the checks build it) but not a later one stop train.py and eval.py with
+    the game's message as one line, not a traceback."""
+    first = games.level_seed("test", 0, 0)
+
+    def reset(self, seed=None):
+        if self.seed != first:
+            raise games.NoLevel(f"line: no level of length {self.length} for seed {self.seed}")
+        return Line.reset(self, seed)
+
+    monkeypatch.setitem(games.ENVS, "line", type("Rare", (Line,), dict(reset=reset)))
+    monkeypatch.chdir(tmp_path)
+    run = lambda: evaluation.main(["--model", "tiny", "--game", "line", "--n", "2", "--max_new_tokens", "1"])
+    with pytest.raises(SystemExit) as e:
+        train.cli(run)
+    second = games.level_seed("test", 0, 1)
+    assert e.value.code.startswith(f"error: line: no level of length 3 for seed {second}; these settings admit the first")
+
+
 def test_extract_pool_accumulates_saves_versions_and_resumes(tiny, tmp_path, monkeypatch):
     """Each accumulation appends the new lessons of every trajectory it reads, under the budget, saving each version;
     a rerun reads the saved versions instead of generating again."""
