@@ -140,7 +140,7 @@ def main(argv=None):
     p.add_argument("--game", default=argparse.SUPPRESS, choices=list(games.ENVS),
                    help="default (as for --options, --max_turns, --max_new_tokens and --thinking): the setting of the "
                    "run that made --model, or else of the run --context comes from (with --split ood: its ood_game, "
-                   "default options), else train.py's")
+                   "default options), else OELConfig's")
     p.add_argument("--split", default="test", choices=games.SPLITS, help="level set (default: test)")
     p.add_argument("--n", type=int, default=argparse.SUPPRESS, help="number of games (default: as for --game, the "
                    "run's n_test for --split test and its n_ood for ood, OELConfig's outside a run; 128 for train)")

@@ -198,7 +198,7 @@ class Attention(nn.Module):
             y = (att @ v).view(B, self.H, 1, self.D)  # [B,H,1,D]
         else:  # with a mask, repeat K/V heads: the GQA-aware flash kernel takes no mask, the mem-efficient one no GQA
             if mask is not None:
-                k, v = k.repeat_interleave(self.H // self.K, 1), v.repeat_interleave(self.H // self.K, 1)  # [B,H,S,D]
+                k, v = k.repeat_interleave(self.H // self.K, 1), v.repeat_interleave(self.H // self.K, 1)  # [B,H,T,D]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
 

@@ -9,7 +9,7 @@ The algorithm, round r = 0 .. R-1, starting from the model M_r (M_0 = the given 
    the knowledge so far, and writes 1-2 lessons on lines starting with `- EXPERIENCE ITEM:`. Only
    those lines are kept (thinking stripped first) and appended; the knowledge is capped at
    `knowledge_budget` tokens by dropping the oldest items whole. K independent accumulations over
-   n trajectories each (shuffled with seed k) give a pool of K knowledge texts. Every version is
+   n trajectories each (drawn per run seed, round and k) give a pool of K knowledge texts. Every version is
    saved as r{r}/knowledge/r{r}_k{k}_{i}.md (i = trajectories read so far).
 3. Consolidate (on-policy context distillation): prompts are the turn states of the deploy
    trajectories. The student (current weights, no knowledge) samples one response per prompt at
@@ -212,7 +212,7 @@ def trim_knowledge(items, tok, budget):
 
 
 def accumulation_orders(cfg, r, n_trajs):
-    """For each of the K accumulations, the indices of the n trajectories it reads, in order (seeded by k)."""
+    """For each of the K accumulations, the n trajectory indices it reads, in order (seeded by cfg.seed, r and k)."""
     return [random.Random(seed_of(cfg.seed, r, "accumulation", k)).sample(range(n_trajs), min(cfg.n, n_trajs))
             for k in range(cfg.K)]
 

@@ -81,7 +81,7 @@ def resolve_model(name, flag="--model"):
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
     except Exception as e:
         raise SystemExit(f"error: could not fetch {name!r} from the Hub ({type(e).__name__}: {e}); "
-                         "download it elsewhere and pass its directory to --model") from e
+                         f"download it elsewhere and pass its directory to {flag}") from e
 
 
 def check_settings(cfg):
