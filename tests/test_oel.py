@@ -12,6 +12,7 @@ import types
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
+import huggingface_hub
 import pytest
 import torch
 
@@ -519,6 +520,14 @@ def test_train_checkpoint_checks_count_memory_disk_and_tokens(tmp_path, monkeypa
     for name in ("no-such-dir", "./no/such", "/no-such"):  # a typo'd local path is not sent to the Hub
         with pytest.raises(SystemExit, match="is not a checkpoint directory, 'tiny', or a Hub id"):
             train.resolve_model(name)
+    def offline(name, **kw):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    for flag in ("--model", "--extractor"):  # the advice names the flag whose checkpoint is missing
+        with pytest.raises(SystemExit, match=re.escape(f"(OSError: no network); download it elsewhere and pass its "
+                                                       f"directory to {flag}")):
+            train.resolve_model("owner/name", flag)
 
 
 def test_summary_and_ctrl_c_handler():
