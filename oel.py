@@ -9,8 +9,8 @@ The algorithm, round r = 0 .. R-1, starting from the model M_r (M_0 = the given 
    the knowledge so far, and writes 1-2 lessons on lines starting with `- EXPERIENCE ITEM:`. Only
    those lines are kept (thinking stripped first) and appended; the knowledge is capped at
    `knowledge_budget` tokens by dropping the oldest items whole. K independent accumulations over
-   n trajectories each (drawn per run seed, round and k) give a pool of K knowledge texts. Every version is
-   saved as r{r}/knowledge/r{r}_k{k}_{i}.md (i = trajectories read so far).
+   n trajectories each (drawn per run seed, round and k) give a pool of K knowledge texts. Every
+   version is saved as r{r}/knowledge/r{r}_k{k}_{i}.md (i = trajectories read so far).
 3. Consolidate (on-policy context distillation): prompts are the turn states of the deploy
    trajectories. The student (current weights, no knowledge) samples one response per prompt at
    temperature 0.7; the teacher (M_r frozen, one knowledge text drawn from the pool in its prompt)
