@@ -397,3 +397,40 @@ def test_load_trajectories_malformed_line(tmp_path):
         f.write('\n{"game": "sokoban", "seed": 2, "turns": [{"state": "x"}]}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:3: malformed"):
         load_trajectories(path)
+
+
+def test_metrics_on_won_and_lost_games():
+    """Pass rate counts won games over all games, mean steps the turns over the games, tokens per turn the tokens over
+    all turns (not over the games): checked on hand-made games, two won and two lost, of 1 to 5 turns."""
+    def game(won, tokens):
+        turns = [games.Turn("s", "p", "r", n, "up", "f", 0.0) for n in tokens]
+        return games.Trajectory(game="frozenlake", seed=0, turns=turns, won=won, steps=len(turns),
+                                response_tokens=sum(tokens))
+    trajs = [game(True, [10]), game(False, [1, 2, 3, 4, 5]), game(True, [6, 6]), game(False, [7, 7, 7, 7, 7])]
+    assert metrics(trajs) == {"pass_rate": 2 / 4, "mean_steps": 13 / 4, "tokens_per_turn": 72 / 13,
+                              "tokens_per_episode": 72 / 4, "n": 4}
+    assert metrics([]) == {"pass_rate": 0.0, "mean_steps": 0.0, "tokens_per_turn": 0.0, "tokens_per_episode": 0.0,
+                           "n": 0}
+
+
+def test_rollout_records_a_lost_game_as_lost(monkeypatch):
+    """A game that ends lost (a walk into a hole: done, no reward) is recorded as lost beside a won one, and the pass
+    rate counts only the won game."""
+    import model
+
+    envs = make_games("frozenlake", "test", 20)
+    for e in envs:
+        e.reset()
+    loser = next(e for e in envs if e.hole_cells & {(0, 1), (1, 0)})  # a hole next to the start
+    winner = next(e for e in envs if e is not loser)
+    into = "right" if (0, 1) in loser.hole_cells else "down"
+
+    def fake_generate(m, tok, prompts, **kw):
+        live = [e for e in (winner, loser) if not e.done]
+        return [SimpleNamespace(text=f"[{into if e is loser else e.solve()[0]}]", tokens=[0]) for e in live]
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    won, lost = rollout(None, SimpleNamespace(user_ids=lambda content, thinking: [0]), [winner, loser], RolloutConfig())
+    assert won.won and won.steps == winner.optimal and won.turns[-1].reward == 1.0
+    assert not lost.won and lost.steps == 1 and lost.turns[0].reward == 0.0 and "hole" in lost.turns[0].feedback
+    assert metrics([won, lost])["pass_rate"] == 0.5

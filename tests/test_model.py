@@ -540,3 +540,16 @@ def test_tiny_preset(tmp_path, tiny):
     idx = torch.tensor([tok.encode(text)])
     with torch.no_grad():
         assert (hf(idx).logits - model(idx)).abs().max().item() < 1e-5
+
+
+@torch.no_grad()
+def test_a_stop_token_as_the_last_allowed_token_counts_as_stopped(lm):
+    """A row whose stop token is its max_new_tokens-th token stopped (it did not run out of tokens): the token is kept
+    in its tokens, left out of its text, and the row is marked stopped, like a row that stops earlier."""
+    model, tok = lm
+    prompt, ref = next((p, r) for p in PROMPTS if (r := naive_greedy(model, p, 4)[0])[3] not in r[:3])
+    tok = copy.copy(tok)
+    tok.stop_ids = [ref[3]]
+    for n in (4, 5):
+        (out,) = M.generate(model, tok, [prompt], max_new_tokens=n, temperature=0)
+        assert out.tokens == ref and out.stopped and out.text == tok.decode(ref[:3]), n

@@ -1370,3 +1370,119 @@ def test_extraction_keeps_a_repeated_lesson_once_and_exact_budgets_fit(tiny, tmp
     assert oel.trim_knowledge([item], tok, len(tok.encode(item))) == [item]
     one = oel.raw_context([fake_trajectory(0)], tok, 10**6)
     assert oel.raw_context([fake_trajectory(0)], tok, len(tok.encode(one))) == one
+
+
+def test_distill_loss_gradient_matches_float64_reference(tiny):
+    """The gradient of distill_loss reaches every student weight as float64 autograd of the reference loss (each
+    model run on its own prompt + response) gives it: the output head's own term included (tied to the embeddings,
+    so a head cut out of the graph would still leave that weight a gradient from the input side)."""
+    student, tok = modeling.load("tiny")
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    teacher = oel.frozen_copy(modeling.load("tiny")[0], torch.float32)
+    cfg = oel.OELConfig(max_new_tokens=6, batch_size=2, micro_batch=2, kl_temperature=0.7)
+    batch = oel.sample_batch(student, tok, states("sokoban", "train", 2, 0), [KNOWLEDGE], cfg, 0, 0)
+    loss, n = oel.distill_loss(student, teacher, tok, batch, cfg)
+    (loss / n).backward()
+    s64, t64 = oel.frozen_copy(student, torch.float64).requires_grad_(True), oel.frozen_copy(teacher, torch.float64)
+    ref = torch.zeros((), dtype=torch.float64)
+    for b in batch:
+        t_ids = tok.user_ids(games.user_prompt(b.game, b.state, b.knowledge), cfg.thinking)
+        ps = (s64(torch.tensor([b.prompt + b.response]))[0, len(b.prompt) - 1 : -1] / 0.7).log_softmax(-1)
+        with torch.no_grad():
+            pt = (t64(torch.tensor([t_ids + b.response]))[0, len(t_ids) - 1 : -1] / 0.7).log_softmax(-1)
+        ref = ref + (ps.exp() * (ps - pt)).sum()
+    (ref / n).backward()
+    grads64 = dict(s64.named_parameters())
+    for name, p in student.named_parameters():
+        g64 = grads64[name].grad
+        assert ((p.grad.double() - g64).norm() / g64.norm()).item() < 1e-3, name
+
+
+def test_sample_batch_depends_on_the_run_seed_and_draws_the_whole_pool(tiny, monkeypatch):
+    """Runs with another --seed (repeats for error bars) shuffle their prompts, draw their knowledge and seed their
+    samples differently; each chunk of rollout_batch prompts samples with its own seed; every pool text is drawn,
+    about equally often (300 draws from 3 texts: 100 each expected, 3.6 standard deviations allowed)."""
+    seeds = []
+    monkeypatch.setattr(oel.modeling, "generate", lambda m, tok, ids, **kw: seeds.append(kw["seed"]) or
+                        [modeling.Completion([1], "", [0.0], True) for _ in ids])
+    prompts, pool = [("frozenlake", f"state {i}") for i in range(300)], ["k0", "k1", "k2"]
+    cfg = oel.OELConfig(batch_size=300, rollout_batch=100)
+    a = oel.sample_batch(tiny[0], tiny[1], prompts, pool, cfg, 0, 0)
+    b = oel.sample_batch(tiny[0], tiny[1], prompts, pool, replace(cfg, seed=1), 0, 0)
+    assert len(seeds) == len(set(seeds)) == 6  # 3 chunks a run, none shared within or across the runs
+    assert [x.state for x in a] != [x.state for x in b] and [x.knowledge for x in a] != [x.knowledge for x in b]
+    for batch in (a, b):
+        counts = [sum(x.knowledge == k for x in batch) for k in pool]
+        assert all(70 <= c <= 130 for c in counts), counts
+
+
+def test_deploy_holds_out_the_levels_evaluation_plays(tmp_path, monkeypatch):
+    """With a run seed other than 0, the boards the deploy games avoid (test_boards) are the first observations of the
+    test levels that evaluation plays: the run's seed and n_test, checked against make_games. The level space counts
+    as held out while at least half the test boards are distinct (fewer: none are held out)."""
+    played = []
+
+    def fake_rollout(m, tok, envs, rcfg, knowledge=None, seed=0):
+        played.extend(games.first_observation(e) for e in envs)
+        return [games.Trajectory(game=e.name, seed=e.seed) for e in envs]
+
+    monkeypatch.setattr(oel.games, "rollout", fake_rollout)
+    cfg = oel.OELConfig(game="sokoban", seed=3, n_test=6, n_ood=0)
+    oel.evaluate(None, None, cfg, str(tmp_path))
+    expected = {games.first_observation(e) for e in games.make_games("sokoban", "test", 6, seed=3)}
+    assert set(played) == expected == oel.test_boards(cfg)
+    assert expected != {games.first_observation(e) for e in games.make_games("sokoban", "test", 6, seed=0)}
+    for distinct, held_out in ((3, True), (2, False)):  # of 6 test boards
+        monkeypatch.setattr(oel.games, "first_observation", lambda env, d=distinct: (env.seed // 3) % d)  # level i: i % d
+        assert bool(oel.test_boards(cfg)) == held_out
+
+
+def test_consolidation_prompts_are_every_turn_of_the_deploy_games(tmp_path, monkeypatch):
+    """Consolidation's prompts are the states of every turn of every deploy game (the later turns' states too, which
+    hold the game so far), not one per game."""
+    trajs = [fake_trajectory(i) for i in range(3)]
+    for i, t in enumerate(trajs[:2]):
+        t.turns.append(replace(t.turns[0], state=f"state {i}, turn 2"))
+        t.steps = 2
+    monkeypatch.setattr(oel, "play", lambda *a, **kw: trajs)
+    monkeypatch.setattr(oel, "extract_pool", lambda *a: ["k"])
+    seen = []
+
+    def fake_consolidate(student, teacher, tok, prompts, pool, cfg, state_path, r):
+        seen.extend(prompts)
+        open(state_path, "w").close()  # train_round removes it
+        return []
+
+    monkeypatch.setattr(oel, "consolidate", fake_consolidate)
+    oel.train_round(oel.OELConfig(model="tiny", n_test=4), 0, str(tmp_path), "tiny", "cpu")
+    assert sorted(seen) == sorted(("frozenlake", s) for s in ["state 0", "state 0, turn 2", "state 1",
+                                                             "state 1, turn 2", "state 2"])
+
+
+def test_extraction_samples_as_evaluation_in_the_runs_chat_mode(tiny, tmp_path, monkeypatch):
+    """Extraction responses are sampled as evaluation samples are (0.7, top-p 0.8, top-k 20, as the paper's code),
+    up to extract_max_new_tokens (not the games' max_new_tokens), from prompts in the run's chat mode."""
+    _, tok = tiny
+    calls = []
+    monkeypatch.setattr(oel.modeling, "generate", lambda m, tok, prompts, **kw: calls.append((prompts, kw)) or
+                        [modeling.Completion([], "", [], True) for _ in prompts])
+    for thinking in (True, False):
+        cfg = oel.OELConfig(K=1, n=1, thinking=thinking, max_new_tokens=64, extract_max_new_tokens=96)
+        oel.extract_pool(None, tok, [fake_trajectory(0)], cfg, str(tmp_path / str(thinking)), 0)
+    (p_think, kw), (p_plain, _) = calls
+    assert (kw["temperature"], kw["top_p"], kw["top_k"], kw["max_new_tokens"]) == (0.7, 0.8, 20, 96)
+    msg = oel.extraction_prompt(fake_trajectory(0), "", False)
+    assert p_think == [tok.user_ids(msg, True)] != p_plain == [tok.user_ids(msg, False)]
+
+
+def test_consolidation_optimizer_takes_the_runs_settings(tmp_path):
+    """Consolidation's AdamW (as its saved state records it) has the run's lr and weight decay (one set away from
+    torch's default of 0.01) and the paper's betas (0.9, 0.999)."""
+    student, tok = modeling.load("tiny")
+    cfg = oel.OELConfig(max_new_tokens=2, batch_size=1, micro_batch=1, steps=1, lr=3e-4, weight_decay=0.2)
+    oel.consolidate(student, oel.frozen_copy(student, torch.float32), tok, states("sokoban", "train", 1, 0),
+                    [KNOWLEDGE], cfg, str(tmp_path / "state.pt"))
+    (group,) = torch.load(tmp_path / "state.pt")["opt"]["param_groups"]
+    assert (group["lr"], tuple(group["betas"]), group["weight_decay"]) == (3e-4, (0.9, 0.999), 0.2)
