@@ -1,5 +1,5 @@
 """
-The driver: the whole OEL loop on one GPU (or, with --model tiny, on a CPU in about a minute).
+The driver: the whole OEL loop on one GPU (or, with --model tiny, on a CPU in under a minute).
 
     python train.py                                   # Qwen3-1.7B (thinking) on FrozenLake, 2 rounds: the paper's cheapest setting
     python train.py --model tiny                      # offline tiny model, small sizes, CPU
@@ -33,7 +33,7 @@ import games
 import model as modeling
 import oel
 
-# --model tiny: sizes that run the whole loop on a CPU in minutes (flags given explicitly still win)
+# --model tiny: sizes that run the whole loop on a CPU in under a minute (flags given explicitly still win)
 TINY_RUN = dict(out_dir="runs/tiny", n_train=8, n_test=8, n_ood=2, K=2, n=4, knowledge_budget=256, steps=4,
                 batch_size=4, micro_batch=4, max_new_tokens=32, extract_max_new_tokens=32, max_turns=4, save_every=2)
 
