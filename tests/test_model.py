@@ -510,6 +510,11 @@ def test_chat_format(tiny):
     last[1]["content"] = "A"
     assert tok.chat(last, thinking=False, add_generation_prompt=False) == (
         "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nA<|im_end|>\n")
+    # of two assistant turns after it, only the last gets a think block when the first has no reasoning
+    two = [*last, {"role": "assistant", "content": "B"}]
+    assert tok.chat(two, thinking=True, add_generation_prompt=False) == (
+        "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\nB<|im_end|>\n")
 
 
 def test_strip_thinking():
