@@ -216,9 +216,8 @@ class Sokoban(Board):
             top = self.optimal if self.max_moves is None else self.max_moves
             if self.optimal is not None and self.min_moves <= self.optimal <= top:
                 return obs
-        raise NoLevel(f"Sokoban: no {n}x{n} room with {k} boxes solvable in {self.min_moves} to "
-                           f"{self.max_moves} moves found in 10,000 tries (such levels are rare: raise max_moves, or "
-                           "lower boxes)")
+        raise NoLevel(f"Sokoban: no {n}x{n} room with {k} boxes solvable in {self.min_moves} to {self.max_moves} "
+                      "moves found in 10,000 tries (such levels are rare: raise max_moves, or lower boxes)")
 
     def setup(self, cells: dict):
         self.floor = {p for p, x in cells.items() if x != "#"}
