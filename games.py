@@ -461,7 +461,7 @@ def option_value(what: str, v, t):
 
 def make_games(game: str, split: str, n: int, /, seed: int = 0, exclude=(), **options) -> list:
     """n games of a named, reproducible set. `train`: pass a fresh seed every round (e.g. the round number);
-    `test`: the held-out levels (the paper uses 128, seed 0); `ood`: another disjoint set, meant for a game
+    `test`: the held-out levels (the paper uses 128 fixed levels); `ood`: another disjoint set, meant for a game
     the model was not trained on. options: the game's settings (FrozenLake size/holes, Sokoban size/boxes,
     TextWorld kind/level). Each game's level seed is `game.seed`. exclude: first observations of levels to
     leave out (e.g. the test set's); a level that shows one is replaced by the set's next level seed."""
@@ -508,9 +508,10 @@ def user_prompt(game: str, state: str, knowledge: str | None = None) -> str:
 
 
 def parse_action(response: str, valid=None) -> str | None:
-    """The action of a response as the paper's code reads it: the last [bracketed] text anywhere in it, thinking
-    included (a reply cut off mid-thought acts on its latest plan), lower-cased, trimmed of spaces, quotes,
-    backticks and backslashes (markdown escapes); with `valid`, the last that is a valid action. None if none."""
+    """The action of a response: as the paper's code reads it, the last [bracketed] text anywhere in it, thinking
+    included (a reply cut off mid-thought acts on its latest plan); unlike its exact match, lower-cased and trimmed
+    of spaces, quotes, backticks and backslashes (markdown escapes), so [Up] and [ `up` ] count. With `valid`, the
+    last that is a valid action. None if none."""
     found = [" ".join(m.split()).strip("`'\"\\ ").lower() for m in re.findall(r"\[([^\[\]]*)\]", response)]
     found = [a for a in found if a and (valid is None or a in valid)]
     return found[-1] if found else None

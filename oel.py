@@ -43,11 +43,14 @@ Where we differ from the paper and its code:
   cut-off thinking text); an item longer than the whole budget is dropped, not the whole knowledge. The
   extractor reads deploy trajectories, each accumulation its own random n of them; the code plays separate
   extraction games for it (sampled at 0.7, top-p 0.8, top-k 20), the same levels for every accumulation.
-- Consolidation prompts are drawn from one shuffle of all deploy turns per round, not game by game.
+- Consolidation prompts are drawn from one shuffle of all deploy turns per round, not game by game: a step
+  has batch_size prompts (the code: every turn of the step's 64 games, 64 to 320), and a turn is used
+  steps x batch_size / (deploy turns) times on average (the code: once).
 - Out-of-distribution: a set of games (TextWorld by default); the paper reports IF-Eval, which
   lm-evaluation-harness runs on the saved checkpoints.
-- Our own prompts (games.py): the rules are not stated, the knowledge comes with a caveat that it may be
-  wrong, the action is the last bracketed valid action (as the code reads it).
+- Our own prompt wording (games.py); like the code's, it states no rules and says the knowledge may be
+  wrong. The action is the last bracketed valid action, as the code reads it, but case, spaces and quotes
+  are forgiven (the code matches the action strings exactly).
 - Sokoban levels are drawn so that 2-5 moves solve them (winnable within 5 turns); see games.py. Deploy
   games skip any level that starts like a test level, unless the level space is too small to hold any
   out (the paper's FrozenLake 3x3 with 2 holes has 19 boards, all in the test set); see test_boards.
@@ -336,8 +339,9 @@ class Sample:
 
 def sample_batch(student, tok, prompts, pool, cfg, step, r) -> list[Sample]:
     """The step's `batch_size` (game, state) prompts, each with a knowledge text drawn from the pool, and the
-    student's responses. A round's steps walk through one shuffle of all its prompts (cycling when they run out),
-    so each is used about once, as the paper's code uses every deploy turn once."""
+    student's responses. A round's steps walk through one shuffle of all its prompts (cycling when they run out):
+    steps x batch_size samples from the turns of n_train games, each turn used steps x batch_size / turns times on
+    average (the paper's code trains each step on every turn of its own 64 deploy games: each turn once)."""
     order = random.Random(seed_of(cfg.seed, r, "prompts")).sample(range(len(prompts)), len(prompts))  # round's shuffle
     picks = [prompts[order[(step * cfg.batch_size + i) % len(prompts)]] for i in range(cfg.batch_size)]
     rng = random.Random(seed_of(cfg.seed, r, "step", step))
