@@ -22,6 +22,9 @@ def test_levels_solvable_and_solver_wins(game, options):
     """Every generated level is solvable, and the solver's moves played through step() win on the last move."""
     for env in make_games(game, "train", 50, seed=1, **options):
         env.reset()
+        if game == "frozenlake":  # exactly `holes` holes on the board shown, none on the start or the goal
+            n = options.get("size", 3)
+            assert env.board().count("H") == options.get("holes", 2) and (env.pos, env.goal) == ((0, 0), (n - 1, n - 1))
         moves = env.solve()
         assert moves and len(moves) == env.optimal
         if game == "sokoban" and "max_moves" not in options:
@@ -198,16 +201,18 @@ def test_clear_errors(monkeypatch):
 
 
 def test_option_types_follow_the_annotations(monkeypatch):
-    """A float option takes a JSON int (as a float), also when declared Optional[float], but never a bool (an int
-    subclass); a type isinstance cannot check (list[int]) takes any value."""
+    """A float option takes a JSON int (as a float), also when declared Optional[float] (not when int | float), but
+    never a bool (an int subclass); a type isinstance cannot check (list[int]) takes any value."""
     @dataclass
     class Tuned(FrozenLake):
         name: ClassVar[str] = "tuned"
         slip: float = 0.0
         wind: Optional[float] = None
         path: list[int] = field(default_factory=list)
+        ratio: int | float = 1
 
     monkeypatch.setitem(games.ENVS, "tuned", Tuned)
+    assert type(make_games("tuned", "test", 1, ratio=2)[0].ratio) is int  # an int stays one where int is declared
     env = make_games("tuned", "test", 1, slip=1, wind=2, path=[1, 2])[0]
     assert (env.slip, type(env.slip), env.wind, type(env.wind), env.path) == (1.0, float, 2.0, float, [1, 2])
     assert make_games("tuned", "test", 1, wind=None)[0].wind is None
@@ -248,16 +253,20 @@ def test_user_prompt_knowledge_and_no_rules():
         with_k = user_prompt(game, "Observation 1:\nBOARD", "- EXPERIENCE ITEM: H is a hole.")
         assert f"{KNOWLEDGE_HEADING}\n- EXPERIENCE ITEM: H is a hole." in with_k
         assert with_k.index(KNOWLEDGE_HEADING) < with_k.index("BOARD")
+        assert with_k.startswith(f"{games.ENVS[game].instruction}\n\n{KNOWLEDGE_HEADING}")  # after the instruction
     assert "[go north]" in user_prompt("textworld", "x") and KNOWLEDGE_HEADING not in user_prompt("textworld", "x")
     assert f"{KNOWLEDGE_HEADING}\n- EXPERIENCE ITEM: look first." in user_prompt("textworld", "x", "- EXPERIENCE ITEM: look first.")
 
 
 def test_textworld_walkthrough_wins(tmp_path, monkeypatch):
-    """A generated TextWorld game: banner-free observations, the walkthrough wins, the cached game is reused."""
+    """A generated TextWorld game: banner-free observations, the valid actions are the commands it lists, the
+    walkthrough wins, the cached game is reused."""
     monkeypatch.setenv("OEL_CACHE", str(tmp_path))
     env = TextWorldGame(kind="coin_collector", level=2)
     first = obs = env.reset(5)
     assert "$$" not in obs and "coin" in obs and "Available commands: [" in obs
+    listed = set(re.findall(r"\[([^\]]+)\]", obs.split("Available commands: ")[1]))
+    assert env.valid_actions() == listed != set(env.solve())  # all the commands listed, not just the walkthrough's
     obs, reward, done, _ = env.step(None)
     assert obs.startswith("Invalid action: no action in square brackets found.") and not done
     obs, reward, done, _ = env.step("restart")  # not an admissible command

@@ -22,6 +22,7 @@ HF_CONFIGS = {
     "qwen3-untied": lambda: transformers.Qwen3Config(**SMALL, tie_word_embeddings=False),
     "llama-tied": lambda: transformers.LlamaConfig(**SMALL, tie_word_embeddings=True),
     "llama3-untied": lambda: transformers.LlamaConfig(**SMALL, tie_word_embeddings=False, rope_scaling=LLAMA3_ROPE),
+    "llama-bias": lambda: transformers.LlamaConfig(**SMALL, tie_word_embeddings=False, attention_bias=True),  # o_proj too
     "qwen2-tied": lambda: transformers.Qwen2Config(**{k: v for k, v in SMALL.items() if k != "head_dim"},
                                                    tie_word_embeddings=True),
 }
@@ -120,6 +121,13 @@ def test_rope_theta_from_either_key(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
     with pytest.raises(NotImplementedError, match="yarn"):
         M.ModelConfig.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**base, "rope_scaling": {"type": "linear", "factor": 2.0}}))
+    with pytest.raises(NotImplementedError, match="linear"):  # older configs name the kind 'type'
+        M.ModelConfig.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(base))  # neither key: transformers' default base
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)  # transformers 5 keeps it in rope_parameters, 4 on top
+    theta = (getattr(hf, "rope_parameters", None) or {}).get("rope_theta", getattr(hf, "rope_theta", None))
+    assert M.ModelConfig.from_hf(tmp_path).rope_theta == theta == 10000.0
 
 
 def test_config_errors_name_the_problem(tmp_path):
@@ -137,6 +145,9 @@ def test_config_errors_name_the_problem(tmp_path):
     assert M.ModelConfig.from_hf(tmp_path).num_hidden_layers == 2
     file.write_text(json.dumps({**qwen2, "max_window_layers": 1}))
     with pytest.raises(NotImplementedError, match="full attention"):
+        M.ModelConfig.from_hf(tmp_path)
+    file.write_text(json.dumps({"model_type": "qwen3", **SMALL, "layer_types": ["full_attention", "sliding_attention"]}))
+    with pytest.raises(NotImplementedError, match="full attention"):  # newer configs name each layer's attention
         M.ModelConfig.from_hf(tmp_path)
 
 
@@ -181,10 +192,11 @@ def test_error_missing_dir(tmp_path):
 
 
 def test_error_tokenizer_larger_than_the_vocabulary(tmp_path, tiny):
-    """A tokenizer with ids beyond the model's vocab_size is refused by name (they would fail as an index error)."""
-    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**SMALL, "vocab_size": 128})).save_pretrained(tmp_path)
+    """A tokenizer with ids beyond the model's vocab_size is refused by name (they would fail as an index error), even
+    one id beyond (the tiny tokenizer's largest id is 1023: a vocabulary of 1023 rows lacks it)."""
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**SMALL, "vocab_size": 1023})).save_pretrained(tmp_path)
     tiny[1].save(tmp_path)
-    with pytest.raises(ValueError, match="has token ids up to 1023, but config.json's vocab_size is 128"):
+    with pytest.raises(ValueError, match="has token ids up to 1023, but config.json's vocab_size is 1023"):
         M.load(tmp_path)
 
 
@@ -221,8 +233,8 @@ def test_error_dtype(ckpt):
 
 
 def test_check_checkpoint_reads_headers_only(ckpt):
-    """check_checkpoint names a truncated weights file, a missing tokenizer, a stray tensor and a non-integer size
-    without loading any weight; a good checkpoint passes."""
+    """check_checkpoint names a truncated weights file, a missing tokenizer, a stray or missing tensor and a
+    non-integer size without loading any weight; a good checkpoint passes."""
     assert M.check_checkpoint(ckpt) == (ckpt, M.ModelConfig.from_hf(ckpt))
     data = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(data[:-100])
@@ -232,6 +244,9 @@ def test_check_checkpoint_reads_headers_only(ckpt):
     sd = load_file(ckpt / "model.safetensors")
     save_file({**sd, "model.layers.0.mlp.extra.weight": torch.zeros(2)}, ckpt / "model.safetensors")
     with pytest.raises(ValueError, match="holds model.layers.0.mlp.extra.weight"):
+        M.check_checkpoint(ckpt)
+    save_file({k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}, ckpt / "model.safetensors")
+    with pytest.raises(ValueError, match="lacks 1 tensor.*model.layers.1.mlp.up_proj.weight"):
         M.check_checkpoint(ckpt)
     (ckpt / "model.safetensors").write_bytes(data)
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -414,10 +429,11 @@ def filtered_probs(logits, temperature, top_p, top_k):
 
 def test_sampler_draws_from_the_filtered_distribution():
     """Over 20,000 draws from fixed, unsorted logits, the frequencies match the reference distribution for several
-    temperatures and top-p / top-k settings; top_k = 1 is greedy whatever top_p."""
+    temperatures and top-p / top-k settings (top_k above V included); top_k = 1 is greedy whatever top_p."""
     logits = torch.tensor([0.1, 2.0, -1.0, 1.2, 0.5, -0.3])
     gen = torch.Generator().manual_seed(0)
-    for T, top_p, top_k in [(0.5, 1.0, 0), (2.0, 1.0, 0), (1.0, 0.75, 0), (1.0, 0.8, 3), (1.0, 0.95, 2), (0.7, 0.9, 4)]:
+    for T, top_p, top_k in [(0.5, 1.0, 0), (2.0, 1.0, 0), (1.0, 0.75, 0), (1.0, 0.8, 3), (1.0, 0.95, 2), (0.7, 0.9, 4),
+                            (1.0, 1.0, 10)]:  # top_k beyond the vocabulary keeps every token
         tok, _ = M.sample(logits.expand(20000, 6), T, top_p, top_k, gen)
         freq = torch.bincount(tok, minlength=6).double() / 20000
         assert (freq - filtered_probs(logits, T, top_p, top_k)).abs().max() < 0.015, (T, top_p, top_k)
@@ -558,3 +574,19 @@ def test_a_stop_token_as_the_last_allowed_token_counts_as_stopped(lm):
     for n in (4, 5):
         (out,) = M.generate(model, tok, [prompt], max_new_tokens=n, temperature=0)
         assert out.tokens == ref and out.stopped and out.text == tok.decode(ref[:3]), n
+
+
+def test_save_writes_bf16_and_the_chat_stop_tokens(tmp_path, tiny):
+    """A bfloat16 model saves as a bfloat16 checkpoint (tensors and config dtype, as transformers reads it) that load
+    accepts and reads back exactly; transformers reads <|im_end|> as its eos and both stop tokens from
+    generation_config.json (what lm-evaluation-harness generates with)."""
+    model, tok = tiny
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    M.save(bf16, tok, tmp_path)
+    assert {v.dtype for v in load_file(tmp_path / "model.safetensors").values()} == {torch.bfloat16}
+    back, _ = M.load(tmp_path, dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), bf16.state_dict().values()))
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    im_end, endoftext = tok.tok.token_to_id(M.IM_END), tok.tok.token_to_id(M.ENDOFTEXT)
+    assert config.dtype == torch.bfloat16 and config.eos_token_id == im_end
+    assert transformers.GenerationConfig.from_pretrained(tmp_path).eos_token_id == [im_end, endoftext]

@@ -502,6 +502,8 @@ def test_train_checkpoint_checks_count_memory_disk_and_tokens(tmp_path, monkeypa
     with pytest.raises(SystemExit, match="more than the model's context"):  # 7000 + 576 + 700 > 8192
         train.check(train.parse_args(args + ["--extract_max_new_tokens", "700"]))
     args += ["--extract_max_new_tokens", "64"]
+    with pytest.raises(SystemExit, match="more than the model's context"):  # 7000 + 2 * (512 + 64) + 64 > 8192:
+        train.check(train.parse_args(args + ["--max_turns", "2"]))  # each turn's response is in the extraction prompt
     monkeypatch.setattr(train.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=30 * P))
     train.check(train.parse_args(args + ["--rounds", "1"]))  # 4 bytes a parameter per round + 24: 28 < 30
     with pytest.raises(SystemExit, match="GiB free; the run needs"):  # 32 > 30
@@ -1200,7 +1202,7 @@ def record_loads(monkeypatch):
 
 def test_rounds_chain_their_checkpoints(tmp_path, monkeypatch):
     """Round r trains from round r-1's model (round 0 from --model), and each round's evaluation loads that round's
-    model, not the base one."""
+    model, not the base one; a rerun reuses the models and removes a consolidation state left beside one."""
     trained, tiny_model = [], modeling.load("tiny")
 
     def fake_round(cfg, r, rdir, ckpt, device):
@@ -1213,6 +1215,9 @@ def test_rounds_chain_their_checkpoints(tmp_path, monkeypatch):
     oel.run(oel.OELConfig(model="tiny", out_dir=str(tmp_path), rounds=2))
     assert trained == [(0, "tiny"), (1, str(tmp_path / "r0" / "model"))]
     assert loaded == ["tiny", str(tmp_path / "r0" / "model"), str(tmp_path / "r1" / "model")]
+    (tmp_path / "r0" / "consolidate.pt").write_bytes(b"")  # killed after saving r0/model, before removing the state
+    oel.run(oel.OELConfig(model="tiny", out_dir=str(tmp_path), rounds=2))
+    assert len(trained) == 2 and not (tmp_path / "r0" / "consolidate.pt").exists()  # nothing retrained; state removed
 
 
 def test_train_round_plays_fresh_held_out_games_from_its_checkpoint(tmp_path, monkeypatch):
@@ -1235,8 +1240,9 @@ def test_train_round_plays_fresh_held_out_games_from_its_checkpoint(tmp_path, mo
 
 
 def test_play_spreads_contexts_and_evaluate_samples_as_the_paper(monkeypatch, tmp_path):
-    """play() gives each context its share of the n games (not n games each); evaluation samples at 0.7 / top-p 0.8 /
-    top-k 20 while the student's consolidation samples come from the full distribution at the loss's temperature."""
+    """play() gives each context its share of the n games (not n games each); evaluation (of no OOD set when n_ood
+    is 0) samples at 0.7 / top-p 0.8 / top-k 20 while the student's consolidation samples come from the full
+    distribution at the loss's temperature."""
     calls = []
 
     def fake_rollout(m, tok, envs, rcfg, knowledge=None, seed=0):
@@ -1247,8 +1253,9 @@ def test_play_spreads_contexts_and_evaluate_samples_as_the_paper(monkeypatch, tm
     trajs = oel.play(None, None, "frozenlake", "test", 6, 0, games.RolloutConfig(), contexts=("a", "b"))
     assert len(trajs) == 6 and sorted((n, k) for n, k, _ in calls) == [(3, "a"), (3, "b")]
     calls.clear()
-    oel.evaluate(None, None, oel.OELConfig(n_test=2, n_ood=0), str(tmp_path))
+    result = oel.evaluate(None, None, oel.OELConfig(n_test=2, n_ood=0), str(tmp_path))
     assert [(c.temperature, c.top_p, c.top_k) for *_, c in calls] == [(0.7, 0.8, 20)]
+    assert list(result) == ["test"]  # no OOD set: no OOD pass rate of 0 in metrics.jsonl
     seen = []
     monkeypatch.setattr(oel.modeling, "generate", lambda m, tok, ids, **kw: seen.append(kw) or
                         [modeling.Completion([1], "", [0.0], True) for _ in ids])
@@ -1441,7 +1448,7 @@ def test_deploy_holds_out_the_levels_evaluation_plays(tmp_path, monkeypatch):
 
 def test_consolidation_prompts_are_every_turn_of_the_deploy_games(tmp_path, monkeypatch):
     """Consolidation's prompts are the states of every turn of every deploy game (the later turns' states too, which
-    hold the game so far), not one per game."""
+    hold the game so far), not one per game; the student it trains is float32 even where the teacher is bfloat16."""
     trajs = [fake_trajectory(i) for i in range(3)]
     for i, t in enumerate(trajs[:2]):
         t.turns.append(replace(t.turns[0], state=f"state {i}, turn 2"))
@@ -1452,11 +1459,15 @@ def test_consolidation_prompts_are_every_turn_of_the_deploy_games(tmp_path, monk
 
     def fake_consolidate(student, teacher, tok, prompts, pool, cfg, state_path, r):
         seen.extend(prompts)
+        dtypes.append((student.output_weight.dtype, teacher.output_weight.dtype))
         open(state_path, "w").close()  # train_round removes it
         return []
 
+    dtypes = []
     monkeypatch.setattr(oel, "consolidate", fake_consolidate)
+    monkeypatch.setattr(oel, "infer_dtype", lambda device: torch.bfloat16)  # as on a GPU
     oel.train_round(oel.OELConfig(model="tiny", n_test=4), 0, str(tmp_path), "tiny", "cpu")
+    assert dtypes == [(torch.float32, torch.bfloat16)]  # float32 trainable weights, whatever the teacher's dtype
     assert sorted(seen) == sorted(("frozenlake", s) for s in ["state 0", "state 0, turn 2", "state 1",
                                                              "state 1, turn 2", "state 2"])
 
