@@ -97,10 +97,12 @@ def test_kl_strided_inputs(impl):
 
 
 def test_kl_torch_path_spans_its_row_chunks():
-    """The torch path works through ~8M elements at a time: 10 rows of V = 10^6 take two chunks, both right."""
-    s, t = logits(10, 1_000_000, torch.float32, scale=1.0)
-    loss, grad = loss_and_grad(KL["torch"], s, t, None, 0.7)
-    loss64, grad64 = loss_and_grad(kl64, s, t, None, 0.7)
+    """The torch path works through ~8M elements at a time: 16 rows of V = 10^6 take two chunks of 8, both right,
+    each with its own rows of the mask."""
+    s, t = logits(16, 1_000_000, torch.float32, scale=1.0)
+    mask = torch.arange(16) % 3 != 0  # the two chunks' masks differ
+    loss, grad = loss_and_grad(KL["torch"], s, t, mask, 0.7)
+    loss64, grad64 = loss_and_grad(kl64, s, t, mask, 0.7)
     assert abs(loss - loss64) / loss64 < 1e-5 and rel(grad, grad64) < 1e-5
 
 
