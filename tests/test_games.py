@@ -358,7 +358,8 @@ def test_rollout_lockstep_scripted(monkeypatch, tmp_path):
 
 
 def test_rollout_feedback_names_an_invalid_action(monkeypatch):
-    """A reply whose only bracket is not a valid action wastes the turn, and the feedback names what it said."""
+    """A reply whose only bracket is not a valid action wastes the turn, and the feedback names what it said; a reply
+    with no bracket wastes it too, and the next turn's history shows its action as (none)."""
     import model
 
     env = make_games("frozenlake", "test", 1)[0]
@@ -371,6 +372,11 @@ def test_rollout_feedback_names_an_invalid_action(monkeypatch):
     assert modes == [None]  # the prompt is in the configured chat mode
     assert traj.turns[0].action == "jump" and traj.turns[0].feedback.startswith("Invalid action [jump]")
     assert closed == [True]  # a game out of turns is closed (a TextWorld interpreter would leak)
+    monkeypatch.setattr(model, "generate", lambda m, tok, prompts, **kw: [SimpleNamespace(text="I go up.", tokens=[0])])
+    (traj,) = rollout(None, tok, make_games("frozenlake", "test", 1), RolloutConfig(max_turns=2), seed=0)
+    first, second = traj.turns  # no bracket: the turn is wasted, and the history says no action was read
+    assert first.action is None and first.feedback.startswith("Invalid action: no action in square brackets found.")
+    assert second.state == f"{first.state}\n\nAction 1: (none)\n\nObservation 2:\n{first.feedback}"
 
 
 def test_rollout_tiny_model_jsonl(tmp_path):

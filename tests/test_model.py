@@ -314,15 +314,27 @@ def test_cached_batched_greedy_equals_naive(lm):
 @torch.no_grad()
 def test_stop_tokens_and_compaction(lm):
     """Rows end at their first stop token (kept in tokens, dropped from text); finished rows are dropped
-    from the batch mid-way without changing the others."""
+    from the batch mid-way without changing the others, and each decode step runs only the batch it was built for
+    (on CUDA it replays a graph recorded for that batch, so compaction must build a new one)."""
     model, tok = lm
     prompts = [[1, 10 + i, 20 + 3 * i] for i in range(8)] + [PROMPTS[0]] * 2  # duplicates share one prefill
     refs = [naive_greedy(model, p, 40)[0] for p in prompts]
     tok = copy.copy(tok)
     tok.stop_ids = sorted({r[3] for r in refs[:6]})  # most rows stop early, so the batch gets compacted at step 16
     kept, select = [], M.KVCache.select
+
+    class Step(M.DecodeStep):
+        def __init__(self, model, cache):
+            super().__init__(model, cache)
+            self.rows = len(cache.pad)
+
+        def __call__(self, tok, col):
+            assert len(tok) == len(self.cache.pad) == self.rows
+            return super().__call__(tok, col)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(M.KVCache, "select", lambda self, rows: kept.append(len(rows)) or select(self, rows))
+        mp.setattr(M, "DecodeStep", Step)
         outs = M.generate(model, tok, prompts, max_new_tokens=40, temperature=0)
     assert kept[0] == len(prompts) and len(kept) >= 2 and kept[-1] < len(prompts)  # duplicates copied, then compaction
     for ref, out in zip(refs, outs):

@@ -91,6 +91,31 @@ def test_extraction_prompt_shows_or_hides_knowledge():
     assert KNOWLEDGE in shown and KNOWLEDGE not in hidden
 
 
+def test_atomic_write_keeps_the_old_file_when_a_write_fails(tmp_path):
+    """A write that fails part-way (here: text UTF-8 cannot encode) leaves the old file whole, not emptied (eval.json,
+    pool.json, metrics.jsonl and config.json are written this way)."""
+    path = tmp_path / "metrics.jsonl"
+    oel.atomic_write(path, "old\n")
+    with pytest.raises(UnicodeEncodeError):
+        oel.atomic_write(path, "new\n" + "\ud800")
+    assert path.read_text() == "old\n"
+
+
+def test_render_trajectory_shows_each_input_the_result_and_the_last_message():
+    """A lost two-turn episode renders as written out here: the first observation (its 'Observation 1:' label
+    dropped), then the game's answer to the previous action, each with the full output; the result and the last
+    answer of the game."""
+    first = games.Turn(state="Observation 1:\nboard A", prompt="p1", response="<think>a</think>[up]", n_tokens=3,
+                       action="up", feedback="You moved up.\nboard B", reward=0.0)
+    second = games.Turn(state="history", prompt="p2", response="[left]", n_tokens=1, action="left",
+                        feedback="You fell into a hole!\nboard C", reward=0.0)
+    traj = games.Trajectory(game="frozenlake", seed=0, turns=[first, second], won=False, steps=2, response_tokens=4)
+    assert oel.render_trajectory(traj) == (
+        "### Turn 1\nInput:\nboard A\n\nOutput:\n<think>a</think>[up]\n\n"
+        "### Turn 2\nInput:\nYou moved up.\nboard B\n\nOutput:\n[left]\n\n"
+        "### Result\nThe game was lost after 2 step(s). The game's last message:\nYou fell into a hole!\nboard C")
+
+
 def test_eval_mode_prompts_contain_their_context(tiny, tmp_path):
     """none: no context; knowledge: the knowledge text; raw: whole rendered trajectories within the budget."""
     _, tok = tiny
@@ -501,6 +526,7 @@ def test_train_checkpoint_checks_count_memory_disk_and_tokens(tmp_path, monkeypa
             "--max_turns", "1", "--max_new_tokens", "64"]  # ~7,640 tokens with a 64-token extraction response
     with pytest.raises(SystemExit, match="more than the model's context"):  # 7000 + 576 + 700 > 8192
         train.check(train.parse_args(args + ["--extract_max_new_tokens", "700"]))
+    train.check(train.parse_args(args + ["--extract_max_new_tokens", "616"]))  # 7000 + 576 + 616 = 8192: fits exactly
     args += ["--extract_max_new_tokens", "64"]
     with pytest.raises(SystemExit, match="more than the model's context"):  # 7000 + 2 * (512 + 64) + 64 > 8192:
         train.check(train.parse_args(args + ["--max_turns", "2"]))  # each turn's response is in the extraction prompt
@@ -720,6 +746,8 @@ def test_extract_pool_accumulates_saves_versions_and_resumes(tiny, tmp_path, mon
     assert not set(step_seeds[4:]) & set(r0_seeds)  # another round samples its extractions afresh
     calls.clear()
     assert oel.extract_pool(None, tok, trajs, cfg, str(tmp_path), r=0) == pool and calls == []
+    os.remove(tmp_path / "knowledge" / "r0_k1_4.md")  # killed while writing the last step's versions: that step is redone
+    assert oel.extract_pool(None, tok, trajs, cfg, str(tmp_path), r=0) == pool and calls == [3]
     texts.clear()  # shown: each accumulation sees its own knowledge so far, and only that
     oel.extract_pool(None, tok, trajs, replace(cfg, show_knowledge=True), str(tmp_path / "shown"), r=0)
     for i, step in enumerate(texts[1:], 1):
@@ -998,7 +1026,8 @@ def test_eval_plays_what_its_result_is_named_after(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.glob("eval_*.json")] == ["eval_tiny_frozenlake_train_n2_s3_instruct_m3_none.json"]
     trajs = games.load_trajectories(tmp_path / "eval_tiny_frozenlake_train_n2_s3_instruct_m3_none.jsonl")
     assert sorted(t.seed for t in trajs) == sorted(e.seed for e in games.make_games("frozenlake", "train", 2, seed=3))
-    assert json.loads((tmp_path / "eval_tiny_frozenlake_train_n2_s3_instruct_m3_none.json").read_text())["budget"] is None
+    res = json.loads((tmp_path / "eval_tiny_frozenlake_train_n2_s3_instruct_m3_none.json").read_text())
+    assert res["budget"] is None and res["empty_contexts"] == 0  # no context: none emptied by a budget
     for run in ("x", "y"):
         (tmp_path / run / "r0").mkdir(parents=True)
         (tmp_path / run / "r0" / "pool.json").write_text(json.dumps([KNOWLEDGE]))
@@ -1325,20 +1354,26 @@ def test_consolidation_warns_when_a_step_has_more_prompts_than_the_round(capsys)
         cfg = oel.OELConfig(max_new_tokens=2, batch_size=batch_size, micro_batch=3, steps=1)
         oel.consolidate(student, teacher, tok, states("sokoban", "train", 2, 0), [KNOWLEDGE], cfg, r=1)
         out = capsys.readouterr().out
-        assert ("round 1 | warning: 2 deploy turns for a --batch_size of 3" in out) == warned
+        assert (f"round 1 | warning: 2 deploy turns for a --batch_size of {batch_size}:" in out) == warned
 
 
 def test_step_log_is_the_per_token_kl():
-    """A step's logged kl is the KL per response token of its batch (not per sequence), over its logged tokens."""
+    """A step's logged kl is the KL per response token of its batch (not per sequence), over its logged tokens; its
+    grad_norm is the norm of the gradient of that per-token loss before clipping (a grad_clip far below it does not
+    change what is logged); steps count from 1."""
     student, tok = modeling.load("tiny")
     teacher = oel.frozen_copy(student, torch.float32)
     prompts = states("sokoban", "train", 4, 0)
-    cfg = oel.OELConfig(max_new_tokens=8, batch_size=4, micro_batch=2, steps=1)
+    cfg = oel.OELConfig(max_new_tokens=8, batch_size=4, micro_batch=2, steps=1, grad_clip=1e-4)
     with torch.no_grad():
         batch = oel.sample_batch(student, tok, prompts, [KNOWLEDGE], cfg, 0, 0)  # what step 1 draws
-        loss, n = oel.distill_loss(student, teacher, tok, batch, cfg)
+    loss, n = oel.distill_loss(student, teacher, tok, batch, cfg)
+    (loss / n).backward()
+    norm = torch.cat([p.grad.flatten() for p in student.parameters()]).norm().item()
+    student.zero_grad(set_to_none=True)
     (log,) = oel.consolidate(student, teacher, tok, prompts, [KNOWLEDGE], cfg)
-    assert log["tokens"] == n > len(batch) and log["kl"] == pytest.approx(float(loss) / n, rel=1e-4)
+    assert log["tokens"] == n > len(batch) and log["kl"] == pytest.approx(float(loss.detach()) / n, rel=1e-4)
+    assert log["step"] == 1 and norm > 100 * cfg.grad_clip and log["grad_norm"] == pytest.approx(norm, rel=1e-4)
 
 
 def test_consolidation_prompts_use_the_runs_chat_mode(tiny, monkeypatch):
@@ -1488,12 +1523,16 @@ def test_extraction_samples_as_evaluation_in_the_runs_chat_mode(tiny, tmp_path, 
     assert p_think == [tok.user_ids(msg, True)] != p_plain == [tok.user_ids(msg, False)]
 
 
-def test_consolidation_optimizer_takes_the_runs_settings(tmp_path):
+def test_consolidation_optimizer_takes_the_runs_settings(tmp_path, monkeypatch):
     """Consolidation's AdamW (as its saved state records it) has the run's lr and weight decay (one set away from
-    torch's default of 0.01) and the paper's betas (0.9, 0.999)."""
+    torch's default of 0.01) and the paper's betas (0.9, 0.999); the state is saved after every save_every-th step
+    and after the last."""
+    saved, real_save = [], torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, path: saved.append(obj["step"]) or real_save(obj, path))
     student, tok = modeling.load("tiny")
-    cfg = oel.OELConfig(max_new_tokens=2, batch_size=1, micro_batch=1, steps=1, lr=3e-4, weight_decay=0.2)
+    cfg = oel.OELConfig(max_new_tokens=2, batch_size=1, micro_batch=1, steps=3, save_every=2, lr=3e-4, weight_decay=0.2)
     oel.consolidate(student, oel.frozen_copy(student, torch.float32), tok, states("sokoban", "train", 1, 0),
                     [KNOWLEDGE], cfg, str(tmp_path / "state.pt"))
     (group,) = torch.load(tmp_path / "state.pt")["opt"]["param_groups"]
     assert (group["lr"], tuple(group["betas"]), group["weight_decay"]) == (3e-4, (0.9, 0.999), 0.2)
+    assert saved == [2, 3]
