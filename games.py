@@ -56,7 +56,7 @@ KNOWLEDGE_HEADING = ("## Knowledge from earlier games (your guesses at the rules
 
 
 class NoLevel(RuntimeError):
-    """A game's settings admit no level for this seed (train.py stops with the message, not a traceback)."""
+    """A game's settings admit no level for this seed (train.py and eval.py stop with the message, not a traceback)."""
 
 
 def invalid(action: str | None, valid: str) -> str:

@@ -1,8 +1,8 @@
 """
 Consolidation steps at full size on a GPU, with random weights: time per step (the student's sampling and the
 training apart) and peak GPU memory, at the paper's batch (256 prompts, 1024-token responses) with a knowledge
-text of --know tokens in the teacher's prompt. Random weights rarely stop early, so responses are nearly all full length:
-the numbers are worst-case costs, not results.
+text of --know tokens in the teacher's prompt. Random weights rarely stop early, so responses are nearly all
+full length: the numbers are worst-case costs, not results.
 
     python bench/consolidate.py                          # Qwen3-1.7B shape, batch 256, 2 steps
     python bench/consolidate.py --shape 4b --offload     # Qwen3-4B shape, AdamW in CPU memory: under 80 GB?
