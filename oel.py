@@ -196,13 +196,13 @@ def seed_of(*parts) -> int:
 
 
 def parse_items(text, limit=2):
-    """The first `limit` experience lines of a response, thinking stripped, marker included."""
+    """The first `limit` distinct experience lines of a response, thinking stripped, marker included."""
     items = []
     for line in modeling.strip_thinking(text).splitlines():
         line = line.strip()
         if line.startswith(MARKER) and line[len(MARKER):].strip():
             items.append(f"{MARKER} {line[len(MARKER):].strip()}")
-    return items[:limit]
+    return list(dict.fromkeys(items))[:limit]  # a repeat within the response is dropped, as one of old items is
 
 
 def trim_knowledge(items, tok, budget):

@@ -49,6 +49,8 @@ def test_parse_items_keeps_marked_lines_after_thinking():
     assert oel.parse_items(text) == ["- EXPERIENCE ITEM: first lesson", "- EXPERIENCE ITEM: second"]
     assert oel.parse_items("-   EXPERIENCE ITEM: x\nEXPERIENCE ITEM: y") == []  # the marker is a fixed string
     assert oel.parse_items("<think>\n- EXPERIENCE ITEM: unfinished thought") == []
+    repeated = "- EXPERIENCE ITEM: same\n- EXPERIENCE ITEM:  same \n- EXPERIENCE ITEM: other"
+    assert oel.parse_items(repeated) == ["- EXPERIENCE ITEM: same", "- EXPERIENCE ITEM: other"]  # a repeat is dropped
 
 
 def test_trim_knowledge_drops_oldest_items_whole(tiny):
