@@ -199,7 +199,7 @@ class Sokoban(Board):
         if self.size < 5 or self.boxes < 1 or 2 * self.boxes + 1 > (self.size - 2) ** 2 // 2:
             raise ValueError(f"Sokoban: need size >= 5 and boxes >= 1, with boxes, targets and player taking at most "
                              f"half the cells inside the walls; got size={self.size}, boxes={self.boxes}")
-        if not 0 <= self.min_moves <= (self.min_moves if self.max_moves is None else self.max_moves):
+        if self.min_moves < 0 or (self.max_moves is not None and self.min_moves > self.max_moves):
             raise ValueError(f"Sokoban: need 0 <= min_moves <= max_moves, got {self.min_moves} and {self.max_moves}")
 
     def reset(self, seed: int | None = None) -> str:
@@ -213,8 +213,7 @@ class Sokoban(Board):
             items = {player: "P", **{p: "O" for p in rest[:k]}, **{p: "X" for p in rest[k:]}}
             obs = self.load("\n".join(" ".join(items.get((r, c), "_") if (r, c) in floor else "#"
                                                  for c in range(n)) for r in range(n)))
-            top = self.optimal if self.max_moves is None else self.max_moves
-            if self.optimal is not None and self.min_moves <= self.optimal <= top:
+            if self.optimal is not None and self.optimal >= self.min_moves:  # (solve() stops at max_moves)
                 return obs
         raise NoLevel(f"Sokoban: no {n}x{n} room with {k} boxes solvable in {self.min_moves} to {self.max_moves} "
                       "moves found in 10,000 tries (such levels are rare: raise max_moves, or lower boxes)")

@@ -178,7 +178,7 @@ def test_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="unknown game"):
         user_prompt("chess", "")
     for make in (lambda: FrozenLake(size=3, holes=5), lambda: Sokoban(size=4), lambda: Sokoban(boxes=0),
-                 lambda: Sokoban(min_moves=3, max_moves=2), lambda: Sokoban(max_moves=0),
+                 lambda: Sokoban(min_moves=3, max_moves=2), lambda: Sokoban(max_moves=0), lambda: Sokoban(min_moves=-1),
                  lambda: TextWorldGame(kind="zork"), lambda: TextWorldGame(level=7), lambda: TextWorldGame().reset(),
                  lambda: make_games("frozenlake", "test", -1)):
         with pytest.raises(ValueError):
