@@ -1,21 +1,24 @@
 """
 Text games and the rollout engine: what the model plays, and how its play is recorded.
 
-Games share one interface (a new game is a dataclass with it, registered in ENVS):
-  name (ClassVar, its ENVS key) and instruction (ClassVar, the prompt's rules-free instruction, which asks for the
-  action in [square brackets]); its settings are its dataclass fields (typed: --game_options sets them from JSON;
-  ValueError from __post_init__ for bad ones; not named `exclude`), plus `seed` (the level);
-  reset(seed=None) -> observation (NoLevel, a RuntimeError, when the settings admit no level). The first
-  observation identifies the level: the deploy games leave out levels that start like a test level, so levels that
-  differ should start differently; step(action) -> observation, reward, done, info{'won'} (RuntimeError once done);
-  solve() -> a winning action list from the current state (None if there is none, or, in Sokoban, none within
-  max_moves); valid_actions() -> the lower-case action strings; close().
+A game is a dataclass registered in ENVS, with:
+  name, instruction   ClassVars: its ENVS key; the prompt's rules-free instruction, asking for an [action]
+  its fields          its settings, typed (--game_options sets them from JSON; __post_init__ raises ValueError
+                      on bad ones; none named `exclude`), plus `seed`, the level
+  reset(seed=None)    -> the first observation (NoLevel, a RuntimeError, when the settings admit no level). It
+                      identifies the level: deploy games leave out levels that start like a test level, so
+                      levels that differ should start differently
+  step(action)        -> observation, reward, done, info {'won'} (RuntimeError once done)
+  solve()             -> winning actions from the current state; None if none (Sokoban: none within max_moves)
+  valid_actions()     -> the lower-case action strings;  close()
+
+The games:
 - FrozenLake and Sokoban: plain-Python versions of TextArena's FrozenLake-v0 and Sokoban-v0 (same boards
   and rules, checked move by move against TextArena in tests; messages close to its own). Levels come from a
   seed and are resampled until the BFS solver solves them (Sokoban: in 2 to 5 moves, so every level can be
-  won within the default 5 turns). Unlike TextArena: no w/a/s/d
-  aliases, reward 1 only on a win (no partial credit), an invalid move only wastes the turn, and Sokoban
-  rooms come from a random walk plus the solver rather than from reverse play.
+  won within the default 5 turns). Unlike TextArena: no w/a/s/d aliases, reward 1 only on a win (no partial
+  credit), an invalid move only wastes the turn, and Sokoban rooms come from a random walk plus the solver
+  rather than from reverse play.
 - TextWorld: coin collector, treasure hunter and cooking games generated with the `textworld` package (several
   at a time in worker processes: `pregenerate`), cached under $OEL_CACHE/textworld (default ~/.cache/oel), played
   through its interpreter.

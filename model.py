@@ -2,8 +2,9 @@
 Decoder-only transformer for the Qwen3 family (also Llama and Qwen2 through config flags), Hub checkpoint I/O,
 the tokenizer with the Qwen3 chat format, and fast batched generation with a static KV cache.
 
-Shapes: B batch, T new tokens, S cache length, C hidden, H query heads, K key/value heads, G = H // K,
-D head dim, V vocabulary, L layers.
+Shapes: B batch rows, T tokens in this forward (the whole sequence without a cache), S cache columns, N keys a
+query sees (T in a prefill, S in a decode step), U distinct prompts, P longest prompt, C hidden, H query heads,
+K key/value heads, G = H // K, D head dim, V vocabulary, L layers.
 """
 import json
 import math

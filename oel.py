@@ -53,7 +53,7 @@ Where we differ from the paper and its code:
   are forgiven (the code matches the action strings exactly).
 - Sokoban levels are drawn so that 2-5 moves solve them (winnable within 5 turns); see games.py. Deploy
   games skip any level that starts like a test level, unless the level space is too small to hold any
-  out (the paper's FrozenLake 3x3 with 2 holes has 19 boards, all in the test set); see test_boards.
+  out (the paper's FrozenLake 3x3 with 2 holes has 19 boards, all in the test set); see held_out_boards.
 - Trainable weights are float32 with bfloat16 autocast on a GPU (the residual stream in bfloat16 too);
   the frozen teacher and the copy the student samples with are bfloat16. So the student trains on the
   numerics it samples with, and with an empty knowledge text its KL to the teacher at the start of a round
@@ -190,8 +190,8 @@ def extraction_prompt(traj, knowledge, show_knowledge):
 
 
 def seed_of(*parts) -> int:
-    """A 40-bit seed named by its parts, e.g. seed_of(run seed, round, "extract", step): different names never share
-    one, as sums or products of seeds can (or overflow torch's 64-bit seeds)."""
+    """A 40-bit seed hashed from its parts, e.g. seed_of(cfg.seed, r, "extract", i): different parts give unrelated
+    seeds (seed + r would repeat across runs and rounds), small enough for torch's 64-bit seeds."""
     return int(hashlib.sha1("/".join(map(str, parts)).encode()).hexdigest()[:10], 16)
 
 
@@ -498,7 +498,7 @@ def evaluate(m, tok, cfg, out_dir):
     return result
 
 
-def test_boards(cfg):
+def held_out_boards(cfg):
     """First observations of the held-out test levels, which the deploy games avoid; none when the test set
     repeats its own boards so often (fewer than half distinct) that its level space cannot be held out: the
     paper's FrozenLake, 3x3 with 2 holes, has 19 boards in all, and training plays them too."""
@@ -513,9 +513,10 @@ def train_round(cfg, r, rdir, ckpt, device):
     frozen, tok = modeling.load(ckpt, device=device, dtype=infer_dtype(device))  # the model at the start of the round
     # 1. deploy
     path = os.path.join(rdir, "deploy.jsonl")
+    # the round's levels: runs stay apart for rounds < 1000, and make_games keeps them apart from the test split
     trajs = play(frozen, tok, cfg.game, "train", cfg.n_train, cfg.seed * 1000 + r, rollout_cfg(cfg, deploy=True),
                  batch=cfg.rollout_batch, options=game_settings(cfg.game_options), path=path,
-                 exclude=() if os.path.exists(path) else test_boards(cfg))
+                 exclude=() if os.path.exists(path) else held_out_boards(cfg))
     m = games.metrics(trajs)
     print(f"round {r} | deploy | pass {m['pass_rate']:.3f} | tokens/turn {m['tokens_per_turn']:.0f}")
     # 2. extract

@@ -1157,7 +1157,7 @@ def test_deploy_avoids_test_boards_where_the_level_space_allows(monkeypatch):
     for game, options, held_out in (("sokoban", "", True), ("frozenlake", '{"size": 4, "holes": 3}', True),
                                     ("frozenlake", "", False)):
         cfg = oel.OELConfig(game=game, game_options=options)
-        boards = oel.test_boards(cfg)
+        boards = oel.held_out_boards(cfg)
         assert bool(boards) == held_out
         if held_out:
             envs = games.make_games(game, "train", 256, seed=0, exclude=boards, **oel.game_settings(options))
@@ -1165,7 +1165,7 @@ def test_deploy_avoids_test_boards_where_the_level_space_allows(monkeypatch):
     generated = []  # TextWorld test levels are generated in parallel before their boards are read (one by one)
     monkeypatch.setattr(games, "pregenerate", lambda envs: generated.append([e.seed for e in envs]))
     monkeypatch.setattr(games, "first_observation", lambda env: (env.seed, len(generated)))
-    boards = oel.test_boards(oel.OELConfig(game="textworld", n_test=3))
+    boards = oel.held_out_boards(oel.OELConfig(game="textworld", n_test=3))
     assert boards == {(games.level_seed("test", 0, i), 1) for i in range(3)}  # read after the one pregenerate
     assert generated == [[games.level_seed("test", 0, i) for i in range(3)]]
 
@@ -1265,7 +1265,7 @@ def test_train_round_plays_fresh_held_out_games_from_its_checkpoint(tmp_path, mo
     (tmp_path / "r1").mkdir()
     oel.train_round(cfg, 1, str(tmp_path / "r1"), str(tmp_path / "ck"), "cpu")
     assert loaded == [str(tmp_path / "ck"), str(tmp_path / "ex"), str(tmp_path / "ck")]
-    assert plays == [(2 * 1000 + 1, oel.test_boards(cfg))] and len(plays[0][1]) > 4
+    assert plays == [(2 * 1000 + 1, oel.held_out_boards(cfg))] and len(plays[0][1]) > 4
     seeds = {t.seed for t in games.load_trajectories(tmp_path / "r1" / "deploy.jsonl")}
     assert not seeds & {e.seed for e in games.make_games("sokoban", "train", 2, seed=2 * 1000)}  # round 0's
 
@@ -1463,7 +1463,7 @@ def test_sample_batch_depends_on_the_run_seed_and_draws_the_whole_pool(tiny, mon
 
 
 def test_deploy_holds_out_the_levels_evaluation_plays(tmp_path, monkeypatch):
-    """With a run seed other than 0, the boards the deploy games avoid (test_boards) are the first observations of the
+    """With a run seed other than 0, the boards the deploy games avoid (held_out_boards) are the first observations of the
     test levels that evaluation plays: the run's seed and n_test, checked against make_games. The level space counts
     as held out while at least half the test boards are distinct (fewer: none are held out)."""
     played = []
@@ -1476,11 +1476,11 @@ def test_deploy_holds_out_the_levels_evaluation_plays(tmp_path, monkeypatch):
     cfg = oel.OELConfig(game="sokoban", seed=3, n_test=6, n_ood=0)
     oel.evaluate(None, None, cfg, str(tmp_path))
     expected = {games.first_observation(e) for e in games.make_games("sokoban", "test", 6, seed=3)}
-    assert set(played) == expected == oel.test_boards(cfg)
+    assert set(played) == expected == oel.held_out_boards(cfg)
     assert expected != {games.first_observation(e) for e in games.make_games("sokoban", "test", 6, seed=0)}
     for distinct, held_out in ((3, True), (2, False)):  # of 6 test boards
         monkeypatch.setattr(oel.games, "first_observation", lambda env, d=distinct: (env.seed // 3) % d)  # level i: i % d
-        assert bool(oel.test_boards(cfg)) == held_out
+        assert bool(oel.held_out_boards(cfg)) == held_out
 
 
 def test_consolidation_prompts_are_every_turn_of_the_deploy_games(tmp_path, monkeypatch):
