@@ -572,7 +572,8 @@ def rollout(model, tokenizer, envs: list, cfg: RolloutConfig, knowledge: str | N
                         top_p=cfg.top_p, top_k=cfg.top_k, seed=seed * 1000 + t)
         still = []
         for i, prompt, out in zip(active, prompts, outs):
-            action = parse_action(out.text, envs[i].valid_actions()) or parse_action(out.text)  # else: say why
+            # a valid action, else the last bracketed text (the feedback names it as invalid), else None
+            action = parse_action(out.text, envs[i].valid_actions()) or parse_action(out.text)
             feedback, reward, done, info = envs[i].step(action)
             trajs[i].turns.append(Turn(states[i], prompt, out.text, len(out.tokens), action, feedback, reward))
             trajs[i].won = info["won"]

@@ -77,7 +77,7 @@ import games
 import model as modeling
 from kernels import fused_linear_kl
 
-MARKER = "- EXPERIENCE ITEM:"  # starts each lesson: one line each (parse_items, resume, the budget read lines)
+MARKER = "- EXPERIENCE ITEM:"  # starts every lesson; a lesson is one line (parsing, resume and the budget work on lines)
 
 
 @dataclass
@@ -252,7 +252,7 @@ def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
         for k in range(cfg.K):
             msg = extraction_prompt(trajs[orders[k][i - 1]], "\n".join(items[k]), cfg.show_knowledge)
             prompts.append(tok.user_ids(msg, cfg.thinking))
-        s = games.RolloutConfig()  # sampled as evaluation samples
+        s = games.RolloutConfig()  # sampled as evaluation is: 0.7, top-p 0.8, top-k 20
         outs = modeling.generate(extractor, tok, prompts, max_new_tokens=cfg.extract_max_new_tokens,
                                  temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                  seed=seed_of(cfg.seed, r, "extract", i))

@@ -20,12 +20,14 @@ One program per row, two passes over the row (the Triton fused-softmax tutorial,
   pass 2 streams them again and writes the gradient (already divided by tau and n_valid), with
          p = e^((z_s - M_s) / tau) / d_s and E_p[s - t] rather than KL + A - B.
 Every exponent is (z - M) / tau, exact near the max, and no two log-sum-exps (rounded at the size of the
-logits, ~1e4 at worst) are subtracted: loss and gradient keep their accuracy whatever the logits' offset. A NaN logit gives a
-NaN loss and gradient for its row (terms with p = 0 are skipped by `p == 0`, which a NaN fails).
-Launch: grid T, BLOCK_V = 4096, 4 warps, 16-byte loads (H200 sweeps: the best of 9 settings at T = 640, a candidate fused
-chunk, and within 1% of the best at T = 8192), and no fma contraction: with it the kernel misses two accuracy tests
-on an H200 (zero gradient for identical inputs; the gradient at logits of 1e4) for a gain of about 1%.
-The backward is then an in-place scale of the stored gradient (the kernel returns at once when the upstream
+logits, ~1e4 at worst) are subtracted: loss and gradient keep their accuracy whatever the logits' offset.
+A NaN logit gives a NaN loss and gradient for its row (terms with p = 0 are skipped by `p == 0`, which a
+NaN fails).
+Launch: one program per row, BLOCK_V = 4096, 4 warps: the best of 9 settings in H200 sweeps at T = 640 (a
+candidate fused chunk), and within 1% of the best at T = 8192 (bench/kl_sweep.py). No fma contraction:
+with it the kernel failed two accuracy tests on an H200 (zero gradient for identical inputs; the gradient
+at logits of 1e4) for a gain of about 1%.
+The backward is an in-place scale of the gradient stored in forward (the kernel returns at once when the upstream
 gradient is 1), with no host sync.
 
 Bytes it must move: 2 reads of each input + 1 write of the gradient = 5 T V b bytes
@@ -122,7 +124,7 @@ def kl_rows_triton(s, t, grad, valid, count, temperature, reverse):
     (which may alias s) unless it is None."""
     T, V = s.shape
     loss = torch.empty(T, dtype=torch.float32, device=s.device)
-    g = s if grad is None else grad
+    g = s if grad is None else grad  # a pointer the kernel needs: with WRITE_GRAD False nothing is stored through it
     if T > 0:  # fma contraction off: pass 2 rounds exactly as pass 1 did
         _kl_kernel[(T,)](s, t, g, valid, count, loss, s.stride(0), t.stride(0), g.stride(0), V, 1.0 / temperature,
                          REVERSE=reverse, WRITE_GRAD=grad is not None, BLOCK_V=min(triton.next_power_of_2(V), BLOCK_V),
