@@ -96,6 +96,36 @@ def check_args(p, a):
     return None if a.mode == "none" else read_context(a.mode, a.context)
 
 
+def fill_defaults(a):
+    """Unset flags take the setting of the run that made --model, else of the run --context comes from, else
+    OELConfig's; --split ood without --game plays that run's ood_game with its default options."""
+    runs = (a.model if os.path.isdir(a.model) else None, a.context)
+    run_ood = a.split == "ood" and "game" not in vars(a)
+    a.game = vars(a).get("game", run_setting("ood_game" if run_ood else "game", *runs))
+    own = a.game == run_setting("game", *runs) and not run_ood
+    a.options = vars(a).get("options", run_setting("game_options", *runs) if own else "")
+    for key in ("max_turns", "max_new_tokens", "thinking", "seed"):
+        setattr(a, key, vars(a).get(key, run_setting(key, *runs)))
+    size = {"test": "n_test", "ood": "n_ood"}.get(a.split)  # the run's set; 128 games of another split
+    a.n = vars(a).get("n", (size and run_setting(size, *runs)) or 128)
+
+
+def result_name(a, budget):
+    """Every setting that changes a result, e.g. frozenlake-size4_test_n128_s0_think_knowledge_r0-pool-1a2b3c:
+    game options and limits only where not the defaults; the context by folder, name and a hash of its path and
+    budget."""
+    key = f"{Path(a.context).resolve()}:{budget}".encode() if a.context else b""
+    tag = f"_{Path(a.context).parent.name}-{Path(a.context).stem}-{hashlib.sha1(key).hexdigest()[:6]}" \
+        if a.context else ""
+    chat = {True: "think", False: "nothink", None: "instruct"}[a.thinking]
+    defaults = games.ENVS[a.game]()
+    game = a.game + "".join(f"-{k}{v}" for k, v in sorted(oel.game_settings(a.options).items())
+                            if v != getattr(defaults, k))  # frozenlake-size4
+    limits = (f"_t{a.max_turns}" if a.max_turns != oel.OELConfig.max_turns else "") + \
+        (f"_m{a.max_new_tokens}" if a.max_new_tokens != oel.OELConfig.max_new_tokens else "")
+    return f"{game}_{a.split}_n{a.n}_s{a.seed}_{chat}{limits}_{a.mode}{tag}"
+
+
 def default_out(model, what):
     """Results of a checkpoint folder go beside it, named after it unless it is a run's `model` folder
     (runs/oel/r1/model -> runs/oel/r1/eval_*.json, ckpts/a -> ckpts/eval_a_*.json: sibling checkpoints do not
@@ -157,10 +187,10 @@ def main(argv=None):
                    help="true | false | none (instruct models); default: as for --game")
     p.add_argument("--max_turns", type=int, default=argparse.SUPPRESS, help="default: as for --game")
     p.add_argument("--max_new_tokens", type=int, default=argparse.SUPPRESS, help="default: as for --game")
-    p.add_argument("--out", help="result JSON (default: eval_<game>[-<option><value>...]_<split>_n<n>_s<seed>_<chat>"
-                   "[_t<max_turns>][_m<max_new_tokens>]_<mode>[_<context>].json beside a checkpoint folder, with the "
-                   "folder's name after eval_ unless it is a run's model folder (options and limits named when not "
-                   "the defaults), else the same with the model's name, here)")
+    p.add_argument("--out", help="result JSON (default: eval_[<folder>_]<settings>.json beside a checkpoint folder, "
+                   "<folder> left out for a run's model folder; eval_<model>_<settings>.json here for a Hub id or "
+                   "tiny; <settings>: game[-<option><value>...]_<split>_n<n>_s<seed>_<chat>[_t<max_turns>]"
+                   "[_m<max_new_tokens>]_<mode>[_<context>], options and limits only where not the defaults)")
     p.add_argument("--plot", metavar="RUN_DIR", help="only write RUN_DIR/metrics.png")
     a = p.parse_args(argv)
     if a.plot:
@@ -168,15 +198,7 @@ def main(argv=None):
         return
     if not a.model:
         p.error("--model is required unless --plot is given")
-    runs = (a.model if os.path.isdir(a.model) else None, a.context)  # defaults: the model's run, else the context's
-    run_ood = a.split == "ood" and "game" not in vars(a)  # the run's out-of-distribution set: its ood_game, as is
-    a.game = vars(a).get("game", run_setting("ood_game" if run_ood else "game", *runs))
-    own = a.game == run_setting("game", *runs) and not run_ood
-    a.options = vars(a).get("options", run_setting("game_options", *runs) if own else "")
-    for key in ("max_turns", "max_new_tokens", "thinking", "seed"):
-        setattr(a, key, vars(a).get(key, run_setting(key, *runs)))
-    size = {"test": "n_test", "ood": "n_ood"}.get(a.split)  # the run's set; 128 games of another split
-    a.n = vars(a).get("n", (size and run_setting(size, *runs)) or 128)
+    fill_defaults(a)
     loaded = check_args(p, a)  # the context file, read before loading a model
     budget = a.budget if a.budget is not None else run_setting("knowledge_budget", a.context)
     path = resolve_model(a.model)
@@ -195,16 +217,7 @@ def main(argv=None):
     with stop_on_ctrl_c("the evaluation stopped; rerun it to start over"):
         trajs = oel.play(m, tok, a.game, a.split, a.n, a.seed, rcfg, ctxs, options=oel.game_settings(a.options))
     metrics = games.metrics(trajs)
-    key = f"{Path(a.context).resolve()}:{budget}".encode() if a.context else b""  # which file, which budget
-    tag = f"_{Path(a.context).parent.name}-{Path(a.context).stem}-{hashlib.sha1(key).hexdigest()[:6]}" \
-        if a.context else ""
-    chat = {True: "think", False: "nothink", None: "instruct"}[a.thinking]
-    settings = sorted(oel.game_settings(a.options).items())
-    defaults = games.ENVS[a.game]()
-    game = a.game + "".join(f"-{k}{v}" for k, v in settings if v != getattr(defaults, k))  # frozenlake-size4
-    limits = (f"_t{a.max_turns}" if a.max_turns != oel.OELConfig.max_turns else "") + \
-        (f"_m{a.max_new_tokens}" if a.max_new_tokens != oel.OELConfig.max_new_tokens else "")
-    out = a.out or default_out(a.model, f"{game}_{a.split}_n{a.n}_s{a.seed}_{chat}{limits}_{a.mode}{tag}")
+    out = a.out or default_out(a.model, result_name(a, budget))
     setting = {k: getattr(a, k) for k in ("model", "game", "split", "n", "seed", "options", "mode", "context",
                                           "thinking", "max_turns", "max_new_tokens")}
     games.save_trajectories(out.removesuffix(".json") + ".jsonl", trajs)  # first: a result comes with its games

@@ -445,9 +445,8 @@ def first_observation(env) -> str:
 
 
 def option_value(what: str, v, t):
-    """A JSON value v as a game option of type t, or ValueError: JSON gives 4.5, "4" or true where an int is meant.
-    A bool fits only a declared bool, an int a declared float (as a float); a type isinstance cannot check (a
-    list[int]) takes any value."""
+    """Check a JSON value v against option type t and return it (an int given for a float as a float), or raise
+    ValueError naming `what`. JSON true is not an int here; a type isinstance cannot check (list[int]) takes any."""
     declared = typing.get_args(t) if typing.get_origin(t) in (typing.Union, types.UnionType) else (t,)
     if type(v) is int and float in declared and int not in declared:
         return float(v)

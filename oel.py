@@ -517,8 +517,8 @@ def train_round(cfg, r, rdir, ckpt, device):
     trajs = play(frozen, tok, cfg.game, "train", cfg.n_train, cfg.seed * 1000 + r, rollout_cfg(cfg, deploy=True),
                  batch=cfg.rollout_batch, options=game_settings(cfg.game_options), path=path,
                  exclude=() if os.path.exists(path) else held_out_boards(cfg))
-    m = games.metrics(trajs)
-    print(f"round {r} | deploy | pass {m['pass_rate']:.3f} | tokens/turn {m['tokens_per_turn']:.0f}")
+    stats = games.metrics(trajs)
+    print(f"round {r} | deploy | pass {stats['pass_rate']:.3f} | tokens/turn {stats['tokens_per_turn']:.0f}")
     # 2. extract
     pool_path = os.path.join(rdir, "pool.json")
     if os.path.exists(pool_path):

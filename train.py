@@ -211,9 +211,9 @@ def check_checkpoint(flag, path) -> tuple[Path, modeling.ModelConfig]:
 
 
 def cli(main):
-    """Run main(); a Ctrl-C outside its stop_on_ctrl_c (the checks, a download, the tiny preset's build, the last
-    writes) also ends with one line, once the KeyboardInterrupt has cleaned up, and so do game settings that admit
-    the first level (which the checks build) but not a later one."""
+    """Run main(), turning two more ends into one line each: a Ctrl-C outside stop_on_ctrl_c (the checks, a
+    download, the tiny preset's build, the last writes; after the KeyboardInterrupt has cleaned up), and NoLevel
+    from a level after the first (the checks build only the first)."""
     try:
         main()
     except KeyboardInterrupt:
