@@ -22,7 +22,7 @@ import torch
 import games
 import model as modeling
 import oel
-from train import check_checkpoint, check_game, cli, observation_tokens, parse_bool_or_none, resolve_model, stop_on_ctrl_c
+from train import check_game, checkpoint_or_exit, cli, observation_tokens, parse_bool_or_none, resolve_model, stop_on_ctrl_c
 
 
 def contexts(mode, path, tok, budget, loaded=None):
@@ -202,7 +202,7 @@ def main(argv=None):
     loaded = check_args(p, a)  # the context file, read before loading a model
     budget = a.budget if a.budget is not None else run_setting("knowledge_budget", a.context)
     path = resolve_model(a.model)
-    directory, mc = check_checkpoint("--model", path)
+    directory, mc = checkpoint_or_exit("--model", path)
     obs = observation_tokens(modeling.Tokenizer(directory), a.game, a.options, a.split)
     need = (budget if a.mode != "none" else 0) + a.max_turns * obs + a.max_new_tokens  # context, observations, reply
     if need > mc.max_position_embeddings:

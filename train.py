@@ -152,9 +152,9 @@ def check_game(game, options, max_turns, split="test", flag="--game_options"):
 
 def check_checkpoints(cfg):
     """Fail early on settings that cannot work with the (resolved) checkpoints."""
-    path, mc = check_checkpoint("--model", cfg.model)
+    path, mc = checkpoint_or_exit("--model", cfg.model)
     if cfg.extractor:
-        check_checkpoint("--extractor", cfg.extractor)
+        checkpoint_or_exit("--extractor", cfg.extractor)
     if cfg.topk >= mc.vocab_size:
         raise SystemExit(f"error: --topk {cfg.topk} must be below the vocabulary size {mc.vocab_size} (0: the exact KL)")
     # the extraction prompt holds the knowledge, a whole trajectory (observations and responses) and the response
@@ -195,7 +195,7 @@ def observation_tokens(tok, game, options, split="test"):
     return max(512, len(tok.encode(games.first_observation(env))) + 64)
 
 
-def check_checkpoint(flag, path) -> tuple[Path, modeling.ModelConfig]:
+def checkpoint_or_exit(flag, path) -> tuple[Path, modeling.ModelConfig]:
     """model.check_checkpoint (config, tokenizer, weight headers; no weights read) with a one-line error: (directory,
     config)."""
     if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model", "config.json")):
@@ -208,6 +208,19 @@ def check_checkpoint(flag, path) -> tuple[Path, modeling.ModelConfig]:
         return modeling.check_checkpoint(path)
     except (OSError, ValueError, TypeError, NotImplementedError, SafetensorError) as e:
         raise SystemExit(f"error: {flag} {path}: {e}") from None
+
+
+def num_params(mc):
+    """Parameter count implied by a ModelConfig."""
+    attn = mc.hidden_size * mc.head_dim * (2 * mc.num_attention_heads + 2 * mc.num_key_value_heads)
+    layer = attn + 3 * mc.hidden_size * mc.intermediate_size
+    return mc.vocab_size * mc.hidden_size * (1 if mc.tie_word_embeddings else 2) + mc.num_hidden_layers * layer
+
+
+def check(cfg):
+    """Both checks, for a config whose checkpoints are already local (tests; main resolves Hub ids between them)."""
+    check_settings(cfg)
+    check_checkpoints(cfg)
 
 
 def cli(main):
@@ -241,19 +254,6 @@ def stop_on_ctrl_c(advice):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def check(cfg):
-    """Both checks, for a config whose checkpoints are already local."""
-    check_settings(cfg)
-    check_checkpoints(cfg)
-
-
-def num_params(mc):
-    """Parameter count implied by a ModelConfig."""
-    attn = mc.hidden_size * mc.head_dim * (2 * mc.num_attention_heads + 2 * mc.num_key_value_heads)
-    layer = attn + 3 * mc.hidden_size * mc.intermediate_size
-    return mc.vocab_size * mc.hidden_size * (1 if mc.tie_word_embeddings else 2) + mc.num_hidden_layers * layer
 
 
 def summary(rows):

@@ -546,7 +546,7 @@ def test_train_checkpoint_checks_count_memory_disk_and_tokens(tmp_path, monkeypa
     shutil.copytree(tmp_path / "ck", tmp_path / "bad")
     (tmp_path / "bad" / "model.safetensors").write_bytes(b"garbage!" * 10)
     with pytest.raises(SystemExit, match=re.escape(f"error: --model {tmp_path / 'bad'}: ")):
-        train.check_checkpoint("--model", str(tmp_path / "bad"))
+        train.checkpoint_or_exit("--model", str(tmp_path / "bad"))
     for name in ("no-such-dir", "./no/such", "/no-such"):  # a typo'd local path is not sent to the Hub
         with pytest.raises(SystemExit, match="is not a checkpoint directory, 'tiny', or a Hub id"):
             train.resolve_model(name)
