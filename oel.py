@@ -119,7 +119,7 @@ class OELConfig:
     save_every: int = 10  # consolidation state saved every this many steps
 
 
-# ----------------------------------------------------------------------------- files
+# ----------------------------------------------------------------------------- models and files
 
 
 def game_settings(text):
@@ -136,6 +136,11 @@ def atomic_write(path, text):
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def infer_dtype(device):
+    """Sampling, the teacher and evaluation run in bfloat16 on a GPU; everything is float32 on a CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def frozen_copy(m, dtype):
@@ -272,12 +277,32 @@ def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
 # ----------------------------------------------------------------------------- consolidation
 
 
-def topk_kl(s_logits, t_logits, temperature, k):
-    """The paper's approximation: reverse KL summed over the student's top-k tokens only. [N,V] -> scalar mean."""
-    s = torch.log_softmax(s_logits.float() / temperature, -1)
-    t = torch.log_softmax(t_logits.float() / temperature, -1)
-    s_top, idx = s.topk(k, dim=-1)  # [N,k]
-    return (s_top.exp() * (s_top - t.gather(-1, idx))).sum(-1).mean()
+@dataclass
+class Sample:
+    """One distillation example: a game state, the knowledge the teacher sees, and the student's response to it."""
+    game: str
+    state: str
+    knowledge: str
+    prompt: list[int]  # the student's prompt (the state alone)
+    response: list[int]
+
+
+def sample_batch(student, tok, prompts, pool, cfg, step, r) -> list[Sample]:
+    """The step's `batch_size` (game, state) prompts, each with a knowledge text drawn from the pool, and the
+    student's responses. A round's steps walk through one shuffle of all its prompts (cycling when they run out):
+    steps x batch_size samples from the turns of n_train games, each turn used steps x batch_size / turns times on
+    average (the paper's code trains each step on every turn of its own 64 deploy games: each turn once)."""
+    order = random.Random(seed_of(cfg.seed, r, "prompts")).sample(range(len(prompts)), len(prompts))  # round's shuffle
+    picks = [prompts[order[(step * cfg.batch_size + i) % len(prompts)]] for i in range(cfg.batch_size)]
+    rng = random.Random(seed_of(cfg.seed, r, "step", step))
+    know = [pool[rng.randrange(len(pool))] for _ in picks]
+    ids = [tok.user_ids(games.user_prompt(g, s), cfg.thinking) for g, s in picks]
+    sampler = frozen_copy(student, infer_dtype(student.output_weight.device))  # the current weights, for fast sampling
+    seed, outs = rng.randrange(2**31), []
+    for i in range(0, len(ids), cfg.rollout_batch):  # at most rollout_batch sequences in the KV cache
+        outs += modeling.generate(sampler, tok, ids[i : i + cfg.rollout_batch], max_new_tokens=cfg.max_new_tokens,
+                                  temperature=cfg.kl_temperature, top_p=1.0, top_k=0, seed=seed + i)
+    return [Sample(g, s, k, p, o.tokens) for (g, s), k, p, o in zip(picks, know, ids, outs)]
 
 
 def response_hidden(m, prompts, responses):
@@ -322,37 +347,12 @@ def distill_loss(student, teacher, tok, batch, cfg):
     return loss * n_tok, n_tok
 
 
-def infer_dtype(device):
-    """Sampling, the teacher and evaluation run in bfloat16 on a GPU; everything is float32 on a CPU."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-@dataclass
-class Sample:
-    """One distillation example: a game state, the knowledge the teacher sees, and the student's response to it."""
-    game: str
-    state: str
-    knowledge: str
-    prompt: list[int]  # the student's prompt (the state alone)
-    response: list[int]
-
-
-def sample_batch(student, tok, prompts, pool, cfg, step, r) -> list[Sample]:
-    """The step's `batch_size` (game, state) prompts, each with a knowledge text drawn from the pool, and the
-    student's responses. A round's steps walk through one shuffle of all its prompts (cycling when they run out):
-    steps x batch_size samples from the turns of n_train games, each turn used steps x batch_size / turns times on
-    average (the paper's code trains each step on every turn of its own 64 deploy games: each turn once)."""
-    order = random.Random(seed_of(cfg.seed, r, "prompts")).sample(range(len(prompts)), len(prompts))  # round's shuffle
-    picks = [prompts[order[(step * cfg.batch_size + i) % len(prompts)]] for i in range(cfg.batch_size)]
-    rng = random.Random(seed_of(cfg.seed, r, "step", step))
-    know = [pool[rng.randrange(len(pool))] for _ in picks]
-    ids = [tok.user_ids(games.user_prompt(g, s), cfg.thinking) for g, s in picks]
-    sampler = frozen_copy(student, infer_dtype(student.output_weight.device))  # the current weights, for fast sampling
-    seed, outs = rng.randrange(2**31), []
-    for i in range(0, len(ids), cfg.rollout_batch):  # at most rollout_batch sequences in the KV cache
-        outs += modeling.generate(sampler, tok, ids[i : i + cfg.rollout_batch], max_new_tokens=cfg.max_new_tokens,
-                                  temperature=cfg.kl_temperature, top_p=1.0, top_k=0, seed=seed + i)
-    return [Sample(g, s, k, p, o.tokens) for (g, s), k, p, o in zip(picks, know, ids, outs)]
+def topk_kl(s_logits, t_logits, temperature, k):
+    """The paper's approximation: reverse KL summed over the student's top-k tokens only. [N,V] -> scalar mean."""
+    s = torch.log_softmax(s_logits.float() / temperature, -1)
+    t = torch.log_softmax(t_logits.float() / temperature, -1)
+    s_top, idx = s.topk(k, dim=-1)  # [N,k]
+    return (s_top.exp() * (s_top - t.gather(-1, idx))).sum(-1).mean()
 
 
 class OffloadedAdamW:
