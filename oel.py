@@ -546,6 +546,19 @@ def train_round(cfg, r, rdir, ckpt, device):
     os.remove(state)
 
 
+def evaluate_round(cfg, r, rdir, ckpt, device):
+    """Step 4 of round r (the base model: r = -1): rdir/eval.json, made unless on disk, as a metrics row
+    {"round": r, "test_pass_rate": ..., "ood_pass_rate": ...}."""
+    path = os.path.join(rdir, "eval.json")
+    if os.path.exists(path):
+        print(f"round {r} | eval | {path} on disk, reused")
+    else:
+        m, tok = modeling.load(ckpt, device=device, dtype=infer_dtype(device))
+        atomic_write(path, json.dumps(evaluate(m, tok, cfg, rdir), indent=2))
+    res = json.load(open(path, encoding="utf-8"))
+    return {"round": r, **{f"{s}_{k}": v for s, d in res.items() for k, v in d.items()}}
+
+
 RESUMABLE = ("out_dir", "rounds", "micro_batch", "save_every")  # may change when a run is resumed
 
 
@@ -596,22 +609,7 @@ def run(cfg, device="cpu"):
         raise SystemExit(f"error: another run is using {cfg.out_dir}") from None
     check_resume(cfg)
     atomic_write(os.path.join(cfg.out_dir, "config.json"), json.dumps(asdict(cfg), indent=2))
-    rows = []
-
-    def record(r, rdir, ckpt):
-        path = os.path.join(rdir, "eval.json")
-        if os.path.exists(path):
-            print(f"round {r} | eval | {path} on disk, reused")
-        else:
-            m, tok = modeling.load(ckpt, device=device, dtype=infer_dtype(device))
-            atomic_write(path, json.dumps(evaluate(m, tok, cfg, rdir), indent=2))
-        res = json.load(open(path, encoding="utf-8"))
-        rows.append({"round": r, **{f"{s}_{k}": v for s, d in res.items() for k, v in d.items()}})
-        atomic_write(os.path.join(cfg.out_dir, "metrics.jsonl"), "".join(json.dumps(x) + "\n" for x in rows))
-        shown = ("test_pass_rate", "test_tokens_per_turn", "test_mean_steps", "ood_pass_rate")
-        print(f"round {r} | eval | " + " | ".join(f"{k} {metric_text(k, rows[-1][k])}" for k in shown if k in rows[-1]))
-
-    ckpt = cfg.model  # the model at the start of round r
+    rows, ckpt = [], cfg.model  # ckpt: the model at the start of round r
     for r in range(-1, cfg.rounds):
         rdir = os.path.join(cfg.out_dir, "base" if r < 0 else f"r{r}")
         os.makedirs(rdir, exist_ok=True)
@@ -623,5 +621,8 @@ def run(cfg, device="cpu"):
                 if os.path.exists(os.path.join(rdir, "consolidate.pt")):  # killed between saving the model and this
                     os.remove(os.path.join(rdir, "consolidate.pt"))
             ckpt = os.path.join(rdir, "model")
-        record(r, rdir, ckpt)  # 4. evaluate
+        rows.append(evaluate_round(cfg, r, rdir, ckpt, device))  # 4. evaluate
+        atomic_write(os.path.join(cfg.out_dir, "metrics.jsonl"), "".join(json.dumps(x) + "\n" for x in rows))
+        shown = ("test_pass_rate", "test_tokens_per_turn", "test_mean_steps", "ood_pass_rate")
+        print(f"round {r} | eval | " + " | ".join(f"{k} {metric_text(k, rows[-1][k])}" for k in shown if k in rows[-1]))
     return rows
