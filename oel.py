@@ -499,9 +499,8 @@ def evaluate(m, tok, cfg, out_dir):
 
 
 def held_out_boards(cfg):
-    """First observations of the held-out test levels, which the deploy games avoid; none when the test set
-    repeats its own boards so often (fewer than half distinct) that its level space cannot be held out: the
-    paper's FrozenLake, 3x3 with 2 holes, has 19 boards in all, and training plays them too."""
+    """First observations of the held-out test levels, which the deploy games avoid; none when fewer than half are
+    distinct: the level space is then too small to hold any out (the paper's FrozenLake: see games.level_seed)."""
     envs = games.make_games(cfg.game, "test", cfg.n_test, cfg.seed, **game_settings(cfg.game_options))
     games.pregenerate(envs)
     boards = [games.first_observation(e) for e in envs]
