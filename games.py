@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 SPLITS = ("train", "test", "ood")  # disjoint level seeds: seed % 3 is the split's index
 MAX_GAMES = 10_000  # games per (split, seed) set; keeps the level seeds of different sets disjoint
+MAX_SIZE = 64  # board side: a 64x64 FrozenLake board is ~50k characters already (bigger ones hang level search)
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 VALID_MOVES = ", ".join(f"[{m}]" for m in MOVES)
 KNOWLEDGE_HEADING = ("## Knowledge from earlier games (your guesses at the rules and strategies: maybe incomplete "
@@ -134,9 +135,9 @@ class FrozenLake(Board):
     seed: int | None = None  # the level; make_games sets it, reset() without a seed uses it
 
     def __post_init__(self):
-        if self.size < 2 or not 0 <= self.holes <= (self.size - 1) ** 2:
-            raise ValueError(f"FrozenLake: need size >= 2 and 0 <= holes <= (size-1)^2 so a path can exist, "
-                             f"got size={self.size}, holes={self.holes}")
+        if not 2 <= self.size <= MAX_SIZE or not 0 <= self.holes <= (self.size - 1) ** 2:
+            raise ValueError(f"FrozenLake: need 2 <= size <= {MAX_SIZE} and 0 <= holes <= (size-1)^2 so a path can "
+                             f"exist, got size={self.size}, holes={self.holes}")
 
     def reset(self, seed: int | None = None) -> str:
         self.seed = self.seed if seed is None else seed
@@ -199,9 +200,9 @@ class Sokoban(Board):
     seed: int | None = None  # the level; make_games sets it, reset() without a seed uses it
 
     def __post_init__(self):
-        if self.size < 5 or self.boxes < 1 or 2 * self.boxes + 1 > (self.size - 2) ** 2 // 2:
-            raise ValueError(f"Sokoban: need size >= 5 and boxes >= 1, with boxes, targets and player taking at most "
-                             f"half the cells inside the walls; got size={self.size}, boxes={self.boxes}")
+        if not 5 <= self.size <= MAX_SIZE or self.boxes < 1 or 2 * self.boxes + 1 > (self.size - 2) ** 2 // 2:
+            raise ValueError(f"Sokoban: need 5 <= size <= {MAX_SIZE} and boxes >= 1, with boxes, targets and player "
+                             f"taking at most half the cells inside the walls; got size={self.size}, boxes={self.boxes}")
         if self.min_moves < 0 or (self.max_moves is not None and self.min_moves > self.max_moves):
             raise ValueError(f"Sokoban: need 0 <= min_moves <= max_moves, got {self.min_moves} and {self.max_moves}")
 

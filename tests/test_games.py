@@ -177,7 +177,9 @@ def test_clear_errors(monkeypatch):
         make_games("sokoban", "dev", 1)
     with pytest.raises(ValueError, match="unknown game"):
         user_prompt("chess", "")
+    assert FrozenLake(size=games.MAX_SIZE).size == Sokoban(size=games.MAX_SIZE).size == 64  # the largest boards
     for make in (lambda: FrozenLake(size=3, holes=5), lambda: Sokoban(size=4), lambda: Sokoban(boxes=0),
+                 lambda: FrozenLake(size=65), lambda: Sokoban(size=65),  # larger ones would hang level search
                  lambda: Sokoban(min_moves=3, max_moves=2), lambda: Sokoban(max_moves=0), lambda: Sokoban(min_moves=-1),
                  lambda: TextWorldGame(kind="zork"), lambda: TextWorldGame(level=7), lambda: TextWorldGame().reset(),
                  lambda: make_games("frozenlake", "test", -1)):
