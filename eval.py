@@ -106,6 +106,7 @@ def fill_defaults(a):
     a.options = vars(a).get("options", run_setting("game_options", *runs) if own else "")
     for key in ("max_turns", "max_new_tokens", "thinking", "seed"):
         setattr(a, key, vars(a).get(key, run_setting(key, *runs)))
+    a.rollout_batch = run_setting("rollout_batch", *runs)  # no flag: a batch's sampling seed is the run's
     size = {"test": "n_test", "ood": "n_ood"}.get(a.split)  # the run's set; 128 games of another split
     a.n = vars(a).get("n", (size and run_setting(size, *runs)) or 128)
 
@@ -122,8 +123,21 @@ def result_name(a, budget):
     game = a.game + "".join(f"-{k}{v}" for k, v in sorted(oel.game_settings(a.options).items())
                             if v != getattr(defaults, k))  # frozenlake-size4
     limits = (f"_t{a.max_turns}" if a.max_turns != oel.OELConfig.max_turns else "") + \
-        (f"_m{a.max_new_tokens}" if a.max_new_tokens != oel.OELConfig.max_new_tokens else "")
+        (f"_m{a.max_new_tokens}" if a.max_new_tokens != oel.OELConfig.max_new_tokens else "") + \
+        (f"_b{a.rollout_batch}" if a.rollout_batch != oel.OELConfig.rollout_batch else "")
     return f"{game}_{a.split}_n{a.n}_s{a.seed}_{chat}{limits}_{a.mode}{tag}"
+
+
+def check_writable(p, out):
+    """Before any game: the result and its trajectories can be written (a read-only folder, a folder in the way)."""
+    for f in (out, out.removesuffix(".json") + ".jsonl"):
+        if os.path.isdir(f):
+            p.error(f"the result {f} would replace a folder; pass --out FILE.json")
+        try:
+            open(f"{f}.tmp", "w").close()
+            os.remove(f"{f}.tmp")
+        except OSError as e:
+            p.error(f"cannot write the result {f} ({e.strerror}); pass another --out")
 
 
 def default_out(model, what):
@@ -190,7 +204,8 @@ def main(argv=None):
     p.add_argument("--out", help="result JSON (default: eval_[<folder>_]<settings>.json beside a checkpoint folder, "
                    "<folder> left out for a run's model folder; eval_<model>_<settings>.json here for a Hub id or "
                    "tiny; <settings>: game[-<option><value>...]_<split>_n<n>_s<seed>_<chat>[_t<max_turns>]"
-                   "[_m<max_new_tokens>]_<mode>[_<context>], options and limits only where not the defaults)")
+                   "[_m<max_new_tokens>][_b<the run's rollout_batch>]_<mode>[_<context>], options and limits only "
+                   "where not the defaults)")
     p.add_argument("--plot", metavar="RUN_DIR", help="only write RUN_DIR/metrics.png")
     a = p.parse_args(argv)
     if a.plot:
@@ -201,6 +216,8 @@ def main(argv=None):
     fill_defaults(a)
     loaded = check_args(p, a)  # the context file, read before loading a model
     budget = a.budget if a.budget is not None else run_setting("knowledge_budget", a.context)
+    out = a.out or default_out(a.model, result_name(a, budget))
+    check_writable(p, out)
     path = resolve_model(a.model)
     directory, mc = checkpoint_or_exit("--model", path)
     obs = observation_tokens(modeling.Tokenizer(directory), a.game, a.options, a.split)
@@ -215,11 +232,11 @@ def main(argv=None):
                                thinking=a.thinking)
     ctxs = contexts(a.mode, a.context, tok, budget, loaded)
     with stop_on_ctrl_c("the evaluation stopped; rerun it to start over"):
-        trajs = oel.play(m, tok, a.game, a.split, a.n, a.seed, rcfg, ctxs, options=oel.game_settings(a.options))
+        trajs = oel.play(m, tok, a.game, a.split, a.n, a.seed, rcfg, ctxs, batch=a.rollout_batch,
+                         options=oel.game_settings(a.options))
     metrics = games.metrics(trajs)
-    out = a.out or default_out(a.model, result_name(a, budget))
     setting = {k: getattr(a, k) for k in ("model", "game", "split", "n", "seed", "options", "mode", "context",
-                                          "thinking", "max_turns", "max_new_tokens")}
+                                          "thinking", "max_turns", "max_new_tokens", "rollout_batch")}
     games.save_trajectories(out.removesuffix(".json") + ".jsonl", trajs)  # first: a result comes with its games
     empty = sum(c == "" for c in ctxs)  # texts the budget emptied: their share of the games had no context (warned)
     oel.atomic_write(out, json.dumps({**setting, "budget": budget if ctxs != [None] else None, "empty_contexts": empty,

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import types
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 
 import huggingface_hub
@@ -882,7 +882,7 @@ def test_eval_defaults_follow_the_run(tmp_path, capsys):
                        (["--max_turns", "0"], limits), (["--max_new_tokens", "0"], limits),
                        (["--split", "dev"], "invalid choice: 'dev'"), (["--game", "chess"], "invalid choice: 'chess'"),
                        (["--options", "{size"], "--options '{size' for frozenlake"),
-                       (["--game", "sokoban", "--options", '{"size": 2}'], "for sokoban: Sokoban: need size >= 5"),
+                       (["--game", "sokoban", "--options", '{"size": 2}'], "for sokoban: Sokoban: need 5 <= size <= 64"),
                        ([*k, "--budget", "0"], "--budget must be >= 1"),
                        (["--context", str(tmp_path / "k.md")], "--context is only read by --mode knowledge or raw")):
         capsys.readouterr()
@@ -914,6 +914,34 @@ def test_eval_plays_the_runs_own_held_out_levels(tmp_path):
                                                              "eval_sokoban_test_n2_s3_nothink_t1_m1_none.json"]
     trajs = games.load_trajectories(r0 / "eval_sokoban_test_n2_s3_nothink_t1_m1_none.jsonl")
     assert [t.seed for t in trajs] == [e.seed for e in games.make_games("sokoban", "test", 2, seed=3)]
+
+
+def test_eval_replays_the_runs_own_evaluation(tmp_path):
+    """eval.py on a run's checkpoint plays exactly the games the run's evaluation played, with a rollout_batch other
+    than the default too (each batch samples with its own seed), and names that batch size in its result."""
+    cfg = oel.OELConfig(model="tiny", out_dir=str(tmp_path / "run"), n_test=3, n_ood=0, rollout_batch=2, max_turns=2,
+                        max_new_tokens=4, thinking=False)
+    m, tok = modeling.load("tiny")
+    modeling.save(m, tok, tmp_path / "run" / "r0" / "model")
+    (tmp_path / "run" / "config.json").write_text(json.dumps(asdict(cfg)))
+    oel.evaluate(m, tok, cfg, str(tmp_path / "run" / "r0"))
+    evaluation.main(["--model", str(tmp_path / "run" / "r0" / "model")])
+    ours = tmp_path / "run" / "r0" / "eval_frozenlake_test_n3_s0_nothink_t2_m4_b2_none.jsonl"
+    assert ours.read_text() == (tmp_path / "run" / "r0" / "eval_test.jsonl").read_text()
+    assert json.loads(ours.with_suffix(".json").read_text())["rollout_batch"] == 2
+
+
+def test_eval_checks_its_result_can_be_written_before_playing(tmp_path, monkeypatch, capsys):
+    """A result that would replace a folder, or that cannot be written, is an error before any game is played."""
+    monkeypatch.setattr(oel, "play", lambda *a, **k: pytest.fail("played games whose result cannot be written"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "res.jsonl.tmp").mkdir()  # open() fails on it as on a read-only folder
+    for out, match in ((tmp_path / "folder", f"the result {tmp_path}/folder would replace a folder"),
+                       (tmp_path / "res.json", f"cannot write the result {tmp_path}/res.jsonl (Is a directory)")):
+        with pytest.raises(SystemExit):
+            evaluation.main(["--model", "tiny", "--n", "1", "--out", str(out)])
+        assert match in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "res.jsonl.tmp"]
 
 
 def test_eval_takes_the_settings_of_the_run(tmp_path, monkeypatch):
