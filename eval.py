@@ -74,7 +74,7 @@ def run_setting(key, *paths):
     for path in paths:
         for folder in Path(path).resolve().parents if path else ():
             file = folder / "config.json"
-            if file.exists() and key in (cfg := json.loads(file.read_text(encoding="utf-8"))):
+            if file.exists() and key in (cfg := oel.read_back(str(file))):
                 return cfg[key]
     return getattr(oel.OELConfig, key)
 
@@ -159,7 +159,8 @@ def plot(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(os.path.join(run_dir, "config.json")):
         raise SystemExit(f"error: {run_dir} is not a train.py run folder (no config.json)")
-    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()] if os.path.exists(path) else []
+    lines = lambda p: [json.loads(line) for line in open(p, encoding="utf-8") if line.strip()]
+    rows = oel.read_back(path, lines) if os.path.exists(path) else []
     if not rows:
         raise SystemExit(f"error: {run_dir} has no results yet: not even the base model's evaluation has finished")
     x = [r["round"] for r in rows]  # -1: the base model; r: after round r's consolidation (as in metrics.jsonl)

@@ -20,7 +20,7 @@ import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils._triton import has_triton
 from torch.utils.checkpoint import checkpoint
@@ -297,6 +297,9 @@ def weight_files(path: Path) -> list[Path]:
 def unused(key: str, cfg: ModelConfig) -> bool:
     """Tensors some checkpoints carry that we do not load: rotary tables (recomputed), a tied lm_head."""
     return key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and cfg.tie_word_embeddings)
+
+
+CHECKPOINT_ERRORS = (OSError, ValueError, TypeError, NotImplementedError, SafetensorError)  # what check_checkpoint and load raise for a bad one
 
 
 def check_checkpoint(path_or_name) -> tuple[Path, ModelConfig]:

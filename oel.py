@@ -130,6 +130,19 @@ def game_settings(text):
     return settings
 
 
+def read_back(path, read=None):
+    """A file a run wrote: JSON, or what read(path) makes of it (e.g. games.load_trajectories). Atomic writes never
+    leave one damaged, but a copy or a hand edit can: that ends the run with a line naming the file."""
+    try:
+        if read is not None:
+            return read(path)
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, a malformed trajectory line
+        raise SystemExit(f"error: {path} cannot be read back ({e}); repair it, or delete it to redo what it "
+                         "holds") from None
+
+
 def atomic_write(path, text):
     """Write text so that a reader sees either nothing or the whole file."""
     tmp = f"{path}.tmp"
@@ -403,7 +416,11 @@ def consolidate(student, teacher, tok, prompts, pool, cfg, state_path=None, r=0)
         opt = torch.optim.AdamW(student.parameters(), **adamw, fused=student.output_weight.is_cuda)
     start, logs = 0, []
     if state_path and os.path.exists(state_path):
-        state = torch.load(state_path, map_location="cpu")  # copied into place: no second copy on the GPU
+        try:
+            state = torch.load(state_path, map_location="cpu")  # copied into place: no second copy on the GPU
+        except Exception as e:  # cut short or overwritten (torch raises several kinds)
+            raise SystemExit(f"error: {state_path} cannot be read back ({type(e).__name__}); delete it to restart "
+                             f"round {r}'s consolidation from its first step") from None
         student.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start, logs = state["step"], state["logs"]
@@ -462,13 +479,13 @@ def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, option
         for p in parts:  # left by a run killed between saving the set and removing them
             if os.path.exists(p):
                 os.remove(p)
-        return games.load_trajectories(path)
+        return read_back(path, games.load_trajectories)
     envs = games.make_games(game, split, n, seed=seed, exclude=exclude, **(options or {}))
     trajs = []
     for i in range(0, n, batch):
         part = parts[i // batch] if path else None
         if part and os.path.exists(part):
-            trajs += games.load_trajectories(part)
+            trajs += read_back(part, games.load_trajectories)
             continue
         done = []
         for j, ctx in enumerate(contexts):
@@ -522,7 +539,7 @@ def train_round(cfg, r, rdir, ckpt, device):
     pool_path = os.path.join(rdir, "pool.json")
     if os.path.exists(pool_path):
         print(f"round {r} | extract | {pool_path} on disk, reused")
-        pool = json.load(open(pool_path, encoding="utf-8"))
+        pool = read_back(pool_path)
     else:
         if cfg.context == "raw":
             pool = [raw_context([trajs[i] for i in order], tok, cfg.knowledge_budget)
@@ -554,7 +571,7 @@ def evaluate_round(cfg, r, rdir, ckpt, device):
     else:
         m, tok = modeling.load(ckpt, device=device, dtype=infer_dtype(device))
         atomic_write(path, json.dumps(evaluate(m, tok, cfg, rdir), indent=2))
-    res = json.load(open(path, encoding="utf-8"))
+    res = read_back(path)
     return {"round": r, **{f"{s}_{k}": v for s, d in res.items() for k, v in d.items()}}
 
 
@@ -581,7 +598,7 @@ def check_resume(cfg):
     made = any(f not in ("config.json", ".lock") for _, _, files in os.walk(cfg.out_dir) for f in files)
     if not os.path.exists(path) or not made:
         return
-    old = json.load(open(path, encoding="utf-8"))
+    old = read_back(path)
     old = {k: old.get(k, getattr(OELConfig, k)) for k in asdict(cfg)}  # a setting newer than the run: its default
     diff = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and not same_setting(k, old[k], v, cfg.game)]
     if diff:
@@ -601,12 +618,14 @@ def metric_text(key, value):
 def run(cfg, device="cpu"):
     """The whole OEL loop; every stage found on disk is skipped. Returns the metrics rows (base model: round -1)."""
     os.makedirs(cfg.out_dir, exist_ok=True)
-    lock = open(os.path.join(cfg.out_dir, ".lock"), "w")  # held until this process ends
+    check_resume(cfg)  # reads only: before the lock, which writes
     try:
+        lock = open(os.path.join(cfg.out_dir, ".lock"), "w")  # held until this process ends
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise SystemExit(f"error: another run is using {cfg.out_dir}") from None
-    check_resume(cfg)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write in {cfg.out_dir} ({e.strerror})") from None
     atomic_write(os.path.join(cfg.out_dir, "config.json"), json.dumps(asdict(cfg), indent=2))
     rows, ckpt = [], cfg.model  # ckpt: the model at the start of round r
     for r in range(-1, cfg.rounds):
@@ -617,6 +636,11 @@ def run(cfg, device="cpu"):
                 train_round(cfg, r, rdir, ckpt, device)
             else:
                 print(f"round {r} | {rdir}/model on disk, reused")
+                try:
+                    modeling.check_checkpoint(os.path.join(rdir, "model"))
+                except modeling.CHECKPOINT_ERRORS as e:
+                    raise SystemExit(f"error: {rdir}/model cannot be read back ({e}); delete the folder to redo "
+                                     f"round {r}'s consolidation") from None
                 if os.path.exists(os.path.join(rdir, "consolidate.pt")):  # killed between saving the model and this
                     os.remove(os.path.join(rdir, "consolidate.pt"))
             ckpt = os.path.join(rdir, "model")

@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 
 import games
 import model as modeling
@@ -206,7 +205,7 @@ def checkpoint_or_exit(flag, path) -> tuple[Path, modeling.ModelConfig]:
                          f"{os.path.join(path, 'r0', 'model')}")
     try:
         return modeling.check_checkpoint(path)
-    except (OSError, ValueError, TypeError, NotImplementedError, SafetensorError) as e:
+    except modeling.CHECKPOINT_ERRORS as e:
         raise SystemExit(f"error: {flag} {path}: {e}") from None
 
 

@@ -944,6 +944,35 @@ def test_eval_checks_its_result_can_be_written_before_playing(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "res.jsonl.tmp"]
 
 
+def test_a_damaged_run_file_ends_a_resumed_run_with_one_line_naming_it(tmp_path):
+    """Atomic writes never leave a run file damaged, but a copy or a hand edit can: a resumed run (and eval.py reading
+    a run) then ends with one line naming the file, not a traceback; so does a run folder it cannot write in."""
+    cfg = dict(model="tiny", rounds=1, n_train=2, n_test=1, n_ood=0, K=1, n=2, knowledge_budget=64, steps=1,
+               batch_size=2, micro_batch=2, max_new_tokens=4, extract_max_new_tokens=4, max_turns=1, save_every=1)
+    run = tmp_path / "run"
+    oel.run(oel.OELConfig(out_dir=str(run), **cfg))
+    for name in ("config.json", "base/eval.json", "r0/model/model.safetensors", "r0/deploy.jsonl", "r0/pool.json",
+                 "r0/consolidate.pt", "metrics.jsonl"):
+        case = tmp_path / name.replace("/", "-")
+        shutil.copytree(run, case)
+        if name.startswith(("r0/deploy", "r0/pool", "r0/consolidate")):  # read only while round 0 is unfinished
+            shutil.rmtree(case / "r0" / "model")
+        data = b"not a checkpoint" if name.endswith(".pt") else (case / name).read_bytes()[:-25]  # cut short
+        (case / name).write_bytes(data)
+        named = case / ("r0/model" if "safetensors" in name else name)
+        with pytest.raises(SystemExit, match=f"^error: {re.escape(str(named))} cannot be read back .*; (repair|delete)"):
+            if name == "metrics.jsonl":
+                evaluation.main(["--plot", str(case)])
+            else:
+                oel.run(oel.OELConfig(out_dir=str(case), **cfg))
+        if name == "config.json":
+            with pytest.raises(SystemExit, match=f"^error: {re.escape(str(named))} cannot be read back"):
+                evaluation.main(["--model", str(case / "r0" / "model")])
+    (tmp_path / "ro" / ".lock").mkdir(parents=True)  # open() fails on it as in a read-only folder
+    with pytest.raises(SystemExit, match=rf"^error: cannot write in {re.escape(str(tmp_path / 'ro'))} \(Is a directory\)$"):
+        oel.run(oel.OELConfig(out_dir=str(tmp_path / "ro"), **cfg))
+
+
 def test_eval_takes_the_settings_of_the_run(tmp_path, monkeypatch):
     """A run's checkpoint is evaluated in the run's chat mode, game, game options and turn limit unless flags say
     otherwise (its OOD split: the run's ood_game, default options; another game: default options); each setting is in
