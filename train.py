@@ -79,7 +79,9 @@ def resolve_model(name, flag="--model"):
         from huggingface_hub import snapshot_download
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
     except Exception as e:
-        raise SystemExit(f"error: could not fetch {name!r} from the Hub ({type(e).__name__}: {e}); "
+        local = f"there is no folder {name}, and " if os.path.isdir(name.split("/")[0]) else ""  # runs/typo
+        why = (str(e).strip().splitlines() or [""])[0]  # one line (the Hub's errors run to several)
+        raise SystemExit(f"error: {local}could not fetch {name!r} from the Hub ({type(e).__name__}: {why}); "
                          f"download it elsewhere and pass its directory to {flag}") from e
 
 

@@ -551,13 +551,17 @@ def test_train_checkpoint_checks_count_memory_disk_and_tokens(tmp_path, monkeypa
         with pytest.raises(SystemExit, match="is not a checkpoint directory, 'tiny', or a Hub id"):
             train.resolve_model(name)
     def offline(name, **kw):
-        raise OSError("no network")
+        raise OSError("no network\nsecond line")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     for flag in ("--model", "--extractor"):  # the advice names the flag whose checkpoint is missing
         with pytest.raises(SystemExit, match=re.escape(f"(OSError: no network); download it elsewhere and pass its "
-                                                       f"directory to {flag}")):
+                                                       f"directory to {flag}") + "$"):
             train.resolve_model("owner/name", flag)
+    (tmp_path / "runs").mkdir()  # a typo'd local path that looks like a Hub id: both are said
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="^error: there is no folder runs/typo, and could not fetch 'runs/typo'"):
+        train.resolve_model("runs/typo")
 
 
 def test_summary_and_ctrl_c_handler():
