@@ -554,15 +554,15 @@ class Trajectory:
 
 
 def rollout(model, tokenizer, envs: list, cfg: RolloutConfig, knowledge: str | None = None,
-            seed: int = 0) -> list[Trajectory]:
+            seed: int = 0, desc: str = "rollout") -> list[Trajectory]:
     """Play every game to the end or to cfg.max_turns, all unfinished games' turns in one generate call."""
     from model import generate  # torch-heavy; imported only when playing
 
     pregenerate(envs)
-    states = [f"Observation 1:\n{env.reset(env.seed)}" for env in tqdm(envs, desc="reset", leave=False)]
+    states = [f"Observation 1:\n{env.reset(env.seed)}" for env in tqdm(envs, desc=f"{desc}: levels", leave=False)]
     trajs = [Trajectory(game=env.name, seed=env.seed) for env in envs]
     active = list(range(len(envs)))
-    bar = tqdm(total=len(envs), desc=f"rollout {'/'.join(sorted({e.name for e in envs}))}", unit="game", leave=False)
+    bar = tqdm(total=len(envs), desc=desc, unit="game", leave=False)
     for t in range(cfg.max_turns):
         if not active:
             break

@@ -481,17 +481,21 @@ def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, option
                 os.remove(p)
         return read_back(path, games.load_trajectories)
     envs = games.make_games(game, split, n, seed=seed, exclude=exclude, **(options or {}))
+    if on_disk := sum(os.path.exists(p) for p in parts):
+        print(f"{path}: {on_disk} of {len(parts)} batches of games on disk, reused")
+    what = f"{os.path.basename(path).split('.')[0] if path else split} {game}"  # e.g. deploy frozenlake
     trajs = []
     for i in range(0, n, batch):
         part = parts[i // batch] if path else None
         if part and os.path.exists(part):
             trajs += read_back(part, games.load_trajectories)
             continue
-        done = []
+        done, desc = [], what + (f" {i // batch + 1}/{-(-n // batch)}" if n > batch else "")
         for j, ctx in enumerate(contexts):
             group = envs[i : i + batch][j :: len(contexts)]
             if group:
-                done += games.rollout(m, tok, group, rcfg, knowledge=ctx or None, seed=seed_of(split, seed, i, j))
+                done += games.rollout(m, tok, group, rcfg, knowledge=ctx or None, seed=seed_of(split, seed, i, j),
+                                      desc=desc)
         if part:
             games.save_trajectories(part, done)
         trajs += done
@@ -534,7 +538,8 @@ def train_round(cfg, r, rdir, ckpt, device):
                  batch=cfg.rollout_batch, options=game_settings(cfg.game_options), path=path,
                  exclude=() if os.path.exists(path) else held_out_boards(cfg))
     stats = games.metrics(trajs)
-    print(f"round {r} | deploy | pass {stats['pass_rate']:.3f} | tokens/turn {stats['tokens_per_turn']:.0f}")
+    tokens = metric_text("tokens", stats["tokens_per_turn"])
+    print(f"round {r} | deploy | pass {stats['pass_rate']:.3f} | tokens/turn {tokens}")
     # 2. extract
     pool_path = os.path.join(rdir, "pool.json")
     if os.path.exists(pool_path):
@@ -567,7 +572,7 @@ def evaluate_round(cfg, r, rdir, ckpt, device):
     {"round": r, "test_pass_rate": ..., "ood_pass_rate": ...}."""
     path = os.path.join(rdir, "eval.json")
     if os.path.exists(path):
-        print(f"round {r} | eval | {path} on disk, reused")
+        print(f"{'base' if r < 0 else f'round {r}'} | eval | {path} on disk, reused")
     else:
         m, tok = modeling.load(ckpt, device=device, dtype=infer_dtype(device))
         atomic_write(path, json.dumps(evaluate(m, tok, cfg, rdir), indent=2))
@@ -646,6 +651,7 @@ def run(cfg, device="cpu"):
             ckpt = os.path.join(rdir, "model")
         rows.append(evaluate_round(cfg, r, rdir, ckpt, device))  # 4. evaluate
         atomic_write(os.path.join(cfg.out_dir, "metrics.jsonl"), "".join(json.dumps(x) + "\n" for x in rows))
-        shown = ("test_pass_rate", "test_tokens_per_turn", "test_mean_steps", "ood_pass_rate")
-        print(f"round {r} | eval | " + " | ".join(f"{k} {metric_text(k, rows[-1][k])}" for k in shown if k in rows[-1]))
+        keys = ("test_pass_rate", "test_tokens_per_turn", "test_mean_steps", "ood_pass_rate")
+        shown = " | ".join(f"{k} {metric_text(k, rows[-1][k])}" for k in keys if k in rows[-1])
+        print(f"{'base' if r < 0 else f'round {r}'} | eval | {shown}")
     return rows

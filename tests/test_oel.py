@@ -1189,8 +1189,9 @@ def test_eval_warns_of_empty_contexts_checks_the_whole_prompt_and_plots_both_set
     assert [list(line.get_ydata()) for line in length.lines] == [[5.0, 5.0]]
 
 
-def test_play_keeps_finished_batches(tiny, tmp_path, monkeypatch):
-    """An interrupted rollout of a game set replays only its unfinished batch, and gives the same trajectories."""
+def test_play_keeps_finished_batches(tiny, tmp_path, monkeypatch, capsys):
+    """An interrupted rollout of a game set replays only its unfinished batch (saying so, and which batch it plays),
+    and gives the same trajectories."""
     m, tok = tiny
     rcfg = games.RolloutConfig(max_turns=2, max_new_tokens=6)
     path = str(tmp_path / "set.jsonl")
@@ -1201,12 +1202,14 @@ def test_play_keeps_finished_batches(tiny, tmp_path, monkeypatch):
     games.save_trajectories(path + ".part1", full[2:4])
     calls = []
     real = games.rollout
-    monkeypatch.setattr(games, "rollout", lambda m, tok, envs, *a, **k: calls.append(len(envs)) or real(m, tok, envs, *a, **k))
+    monkeypatch.setattr(games, "rollout", lambda m, tok, envs, *a, **k: calls.append((len(envs), k["desc"])) or
+                        real(m, tok, envs, *a, **k))
     again = oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path)
-    assert calls == [1] and again == full == games.load_trajectories(path)
-    assert oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path) == full and calls == [1]
+    assert calls == [(1, "set sokoban 3/3")] and again == full == games.load_trajectories(path)
+    assert f"{path}: 2 of 3 batches of games on disk, reused" in capsys.readouterr().out
+    assert oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path) == full and len(calls) == 1
     games.save_trajectories(path + ".part1", full[2:4])  # as if killed between saving the set and removing its parts
-    assert oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path) == full and calls == [1]
+    assert oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path) == full and len(calls) == 1
     assert not any(p.name.startswith("set.jsonl.part") for p in tmp_path.iterdir())
     even = oel.play(m, tok, "sokoban", "test", 4, 0, rcfg, batch=2, path=str(tmp_path / "even.jsonl"))  # n % batch == 0
     assert len(even) == 4 and not any(".part" in p.name for p in tmp_path.iterdir())
@@ -1235,7 +1238,7 @@ def test_play_sampling_seeds_differ_between_sets(monkeypatch):
     """Evaluation (test set, seed 0) and round-0 deploy (train set, seed 0) never reuse sampling noise, nor do
     the batches and contexts of one set (they did: coinciding boards gave identical trajectories)."""
     seeds = []
-    monkeypatch.setattr(games, "rollout", lambda m, tok, envs, cfg, knowledge=None, seed=0: seeds.append(seed) or [])
+    monkeypatch.setattr(games, "rollout", lambda m, tok, envs, cfg, knowledge=None, seed=0, desc="": seeds.append(seed) or [])
     for split, seed in (("test", 0), ("train", 0), ("train", 10**9)):  # a huge run seed used to overflow
         oel.play(None, None, "sokoban", split, 6, seed, None, contexts=("a", "b"), batch=2)
     assert len(seeds) == len(set(seeds)) == 18 and max(seeds) * 1000 + 1000 < 2**63
@@ -1337,7 +1340,7 @@ def test_play_spreads_contexts_and_evaluate_samples_as_the_paper(monkeypatch, tm
     distribution at the loss's temperature."""
     calls = []
 
-    def fake_rollout(m, tok, envs, rcfg, knowledge=None, seed=0):
+    def fake_rollout(m, tok, envs, rcfg, knowledge=None, seed=0, desc=""):
         calls.append((len(envs), knowledge, rcfg))
         return [games.Trajectory(game=e.name, seed=e.seed) for e in envs]
 
@@ -1529,7 +1532,7 @@ def test_deploy_holds_out_the_levels_evaluation_plays(tmp_path, monkeypatch):
     as held out while at least half the test boards are distinct (fewer: none are held out)."""
     played = []
 
-    def fake_rollout(m, tok, envs, rcfg, knowledge=None, seed=0):
+    def fake_rollout(m, tok, envs, rcfg, knowledge=None, seed=0, desc=""):
         played.extend(games.first_observation(e) for e in envs)
         return [games.Trajectory(game=e.name, seed=e.seed) for e in envs]
 
