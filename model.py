@@ -372,6 +372,7 @@ def save(model: Transformer, tokenizer: "Tokenizer", path):
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    os.chmod(path / "model.safetensors", (path / "config.json").stat().st_mode)  # safetensors writes it private (0600)
     tokenizer.save(path)
     gen = {"eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_id}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))

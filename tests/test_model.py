@@ -1,5 +1,6 @@
 import copy
 import json
+import os
 import re
 from dataclasses import replace
 
@@ -591,10 +592,18 @@ def test_a_stop_token_as_the_last_allowed_token_counts_as_stopped(lm):
 def test_save_writes_bf16_and_the_chat_stop_tokens(tmp_path, tiny):
     """A bfloat16 model saves as a bfloat16 checkpoint (tensors and config dtype, as transformers reads it) that load
     accepts and reads back exactly; transformers reads <|im_end|> as its eos and both stop tokens from
-    generation_config.json (what lm-evaluation-harness generates with)."""
+    generation_config.json (what lm-evaluation-harness generates with). Every file is as readable as the umask lets
+    a new file be (safetensors alone would write its weights private)."""
     model, tok = tiny
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    M.save(bf16, tok, tmp_path)
+    mask = os.umask(0o022)
+    try:
+        M.save(bf16, tok, tmp_path)
+    finally:
+        os.umask(mask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in tmp_path.iterdir()} == {
+        f: 0o644 for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                           "tokenizer_config.json")}
     assert {v.dtype for v in load_file(tmp_path / "model.safetensors").values()} == {torch.bfloat16}
     back, _ = M.load(tmp_path, dtype=torch.bfloat16)
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), bf16.state_dict().values()))
