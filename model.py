@@ -70,7 +70,7 @@ class ModelConfig:
             raise ValueError(f"{file} lacks {', '.join(missing)}")
         wrong = [k for k in sizes if d.get(k) is not None and type(d[k]) is not int]
         if wrong:
-            raise ValueError(f"{file}: {', '.join(wrong)} must be integers")
+            raise ValueError(f"{file}: {', '.join(wrong)} must be {'an integer' if len(wrong) == 1 else 'integers'}")
         layers = d["num_hidden_layers"]  # Qwen2: sliding window only from layer max_window_layers on
         sliding = (d.get("use_sliding_window") and d.get("max_window_layers", 0) < layers) \
             or "sliding_attention" in (d.get("layer_types") or [])

@@ -604,6 +604,8 @@ def check_resume(cfg):
     if not os.path.exists(path) or not made:
         return
     old = read_back(path)
+    if "model_type" in old:  # a checkpoint's config.json
+        raise SystemExit(f"error: {cfg.out_dir} is a model checkpoint, not a train.py run folder; pass another --out_dir")
     old = {k: old.get(k, getattr(OELConfig, k)) for k in asdict(cfg)}  # a setting newer than the run: its default
     diff = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and not same_setting(k, old[k], v, cfg.game)]
     if diff:

@@ -91,8 +91,9 @@ def check_settings(cfg):
                  "max_turns", "max_new_tokens", "extract_max_new_tokens", "knowledge_budget", "save_every"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"error: --{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.n_ood < 0 or cfg.topk < 0 or cfg.seed < 0 or not 0 <= cfg.weight_decay < math.inf:
-        raise SystemExit("error: --n_ood, --topk, --seed and --weight_decay must be >= 0 (and finite)")
+    for name in ("n_ood", "topk", "seed", "weight_decay"):
+        if not 0 <= getattr(cfg, name) < math.inf:  # NaN fails too
+            raise SystemExit(f"error: --{name} must be >= 0 (and finite), got {getattr(cfg, name)}")
     if max(cfg.n_train, cfg.n_test, cfg.n_ood) > games.MAX_GAMES:
         raise SystemExit(f"error: --n_train, --n_test and --n_ood must be <= {games.MAX_GAMES}")
     if cfg.n > cfg.n_train:
@@ -234,7 +235,7 @@ def cli(main):
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
     except games.NoLevel as e:
-        sys.exit(f"error: {e}; these settings admit the first level, which the checks at the start build")
+        sys.exit(f"error: {e}; the checks at the start built the first level with these settings, but not this one")
 
 
 @contextlib.contextmanager

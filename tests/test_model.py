@@ -252,7 +252,7 @@ def test_check_checkpoint_reads_headers_only(ckpt):
     (ckpt / "model.safetensors").write_bytes(data)
     cfg = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**cfg, "hidden_size": "64"}))
-    with pytest.raises(ValueError, match="hidden_size must be integers"):
+    with pytest.raises(ValueError, match="hidden_size must be an integer$"):
         M.check_checkpoint(ckpt)
     (ckpt / "config.json").write_text(json.dumps(cfg))
     (ckpt / "tokenizer.json").write_text("garbage")

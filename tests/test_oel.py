@@ -465,7 +465,7 @@ def test_train_rejects_bad_settings(tmp_path, capsys):
     assert "warning" not in capsys.readouterr().out
     for flag, value in (("--topk", "-1"), ("--n_ood", "-1"), ("--seed", "-1"), ("--weight_decay", "-1"),
                         ("--weight_decay", "nan")):
-        with pytest.raises(SystemExit, match="must be >= 0"):
+        with pytest.raises(SystemExit, match=rf"^error: {flag} must be >= 0 \(and finite\), got {value}"):
             train.check_settings(train.parse_args(["--model", "tiny", flag, value]))
     with pytest.raises(SystemExit, match="must be finite and > 0"):  # a negative clip norm would ascend the loss
         train.check_settings(train.parse_args(["--model", "tiny", "--grad_clip", "-1"]))
@@ -717,7 +717,7 @@ def test_settings_without_a_later_level_end_with_one_line(tmp_path, monkeypatch)
     with pytest.raises(SystemExit) as e:
         train.cli(run)
     second = games.level_seed("test", 0, 1)
-    assert e.value.code.startswith(f"error: line: no level of length 3 for seed {second}; these settings admit the first")
+    assert e.value.code.startswith(f"error: line: no level of length 3 for seed {second}; the checks at the start built the first level")
 
 
 def test_extract_pool_accumulates_saves_versions_and_resumes(tiny, tmp_path, monkeypatch):
@@ -950,7 +950,8 @@ def test_eval_checks_its_result_can_be_written_before_playing(tmp_path, monkeypa
 
 def test_a_damaged_run_file_ends_a_resumed_run_with_one_line_naming_it(tmp_path):
     """Atomic writes never leave a run file damaged, but a copy or a hand edit can: a resumed run (and eval.py reading
-    a run) then ends with one line naming the file, not a traceback; so does a run folder it cannot write in."""
+    a run) then ends with one line naming the file, not a traceback; so do a checkpoint passed as the run folder, and
+    a run folder it cannot write in."""
     cfg = dict(model="tiny", rounds=1, n_train=2, n_test=1, n_ood=0, K=1, n=2, knowledge_budget=64, steps=1,
                batch_size=2, micro_batch=2, max_new_tokens=4, extract_max_new_tokens=4, max_turns=1, save_every=1)
     run = tmp_path / "run"
@@ -972,6 +973,9 @@ def test_a_damaged_run_file_ends_a_resumed_run_with_one_line_naming_it(tmp_path)
         if name == "config.json":
             with pytest.raises(SystemExit, match=f"^error: {re.escape(str(named))} cannot be read back"):
                 evaluation.main(["--model", str(case / "r0" / "model")])
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(str(run / 'r0' / 'model'))} is a model checkpoint, not"):
+        oel.run(oel.OELConfig(out_dir=str(run / "r0" / "model"), **cfg))  # and nothing is written in it
+    assert not (run / "r0" / "model" / ".lock").exists()
     (tmp_path / "ro" / ".lock").mkdir(parents=True)  # open() fails on it as in a read-only folder
     with pytest.raises(SystemExit, match=rf"^error: cannot write in {re.escape(str(tmp_path / 'ro'))} \(Is a directory\)$"):
         oel.run(oel.OELConfig(out_dir=str(tmp_path / "ro"), **cfg))
