@@ -340,7 +340,7 @@ def test_eval_ctrl_c_is_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, "eval.py", "--model", "tiny", "--n", "64", "--out", str(tmp_path / "x.json")],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen = ""
-    while "rollout" not in seen and proc.poll() is None:  # the games have started
+    while "game/s" not in seen and proc.poll() is None:  # the games have started (their bar counts games/s)
         seen += proc.stderr.read(1)
     proc.send_signal(signal.SIGINT)
     err = seen + proc.communicate(timeout=60)[1]
