@@ -240,7 +240,8 @@ def cli(main):
 
 @contextlib.contextmanager
 def stop_on_ctrl_c(advice):
-    """Ctrl-C stops the process at once, as a kill would (files are written whole or not at all), with one line."""
+    """Ctrl-C, or a SIGTERM (`kill`, a scheduler's time limit), stops the process and its workers at once, as a kill
+    would (files are written whole or not at all), with one line; exit status 128 + the signal's number."""
     def on_ctrl_c(signum, frame):
         try:
             sys.stdout.flush()
@@ -249,13 +250,14 @@ def stop_on_ctrl_c(advice):
         for p in multiprocessing.active_children():  # e.g. games.pregenerate's workers: they share our stderr
             p.kill()
         os.write(2, f"\ninterrupted: {advice}\n".encode())
-        os._exit(130)  # no KeyboardInterrupt: raised inside native code it can surface as another error
+        os._exit(128 + signum)  # no KeyboardInterrupt: raised inside native code it can surface as another error
 
-    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    previous = {s: signal.signal(s, on_ctrl_c) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def summary(rows):

@@ -335,16 +335,17 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     assert err.strip().splitlines()[-1] == f"interrupted: rerun the same command to resume {out}"
 
 
-def test_eval_ctrl_c_is_one_line(tmp_path):
-    """Ctrl-C during eval.py's games ends it with one line (exit status 130), not a traceback."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_eval_ctrl_c_is_one_line(tmp_path, sig):
+    """Ctrl-C (or a SIGTERM) during eval.py's games ends it with one line (exit status 130, 143), not a traceback."""
     proc = subprocess.Popen([sys.executable, "eval.py", "--model", "tiny", "--n", "64", "--out", str(tmp_path / "x.json")],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen = ""
     while "game/s" not in seen and proc.poll() is None:  # the games have started (their bar counts games/s)
         seen += proc.stderr.read(1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     err = seen + proc.communicate(timeout=60)[1]
-    assert proc.returncode == 130 and "Traceback" not in err
+    assert proc.returncode == 128 + sig and "Traceback" not in err
     assert err.strip().splitlines()[-1] == "interrupted: the evaluation stopped; rerun it to start over"
 
 
@@ -573,10 +574,10 @@ def test_summary_and_ctrl_c_handler():
     assert [line.split("|")[0].strip() for line in lines] == ["round", "base", "0"]
     assert [line.split("|")[-1].strip() for line in lines[1:]] == ["nan", "nan"]
     assert [x.strip() for x in lines[2].split("|")[1:4]] == ["0.070", "1024.2", "2.0"]  # not 0.0703 and 1.02e+03
-    before = signal.getsignal(signal.SIGINT)
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     with train.stop_on_ctrl_c("x"):
-        assert signal.getsignal(signal.SIGINT) is not before
-    assert signal.getsignal(signal.SIGINT) is before
+        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) not in before
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
 
 
 def test_resume_compares_settings_by_meaning(tmp_path, monkeypatch):
