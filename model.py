@@ -299,6 +299,10 @@ def unused(key: str, cfg: ModelConfig) -> bool:
     return key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and cfg.tie_word_embeddings)
 
 
+class NonFinite(ValueError):
+    """A checkpoint's weights hold NaN or infinity (found by load, which reads them; check_checkpoint does not)."""
+
+
 CHECKPOINT_ERRORS = (OSError, ValueError, TypeError, NotImplementedError, SafetensorError)  # what check_checkpoint and load raise for a bad one
 
 
@@ -358,6 +362,8 @@ def load(path_or_name, device="cpu", dtype=torch.float32):
         for k in list(weights):
             v = weights.pop(k)  # convert one tensor at a time: a shard is never held twice
             if not unused(k, cfg):
+                if not torch.isfinite(v).all():  # e.g. a diverged fine-tune: say so, not "the loss diverged" later
+                    raise NonFinite(f"{f}: tensor {k} holds NaN or infinite values")
                 sd[k] = v.to(dtype)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval(), Tokenizer(path)

@@ -226,9 +226,9 @@ def check(cfg):
 
 
 def cli(main):
-    """Run main(), turning two more ends into one line each: a Ctrl-C outside stop_on_ctrl_c (the checks, a
-    download, the tiny preset's build, the last writes; after the KeyboardInterrupt has cleaned up), and NoLevel
-    from a level after the first (the checks build only the first)."""
+    """Run main(), turning three more ends into one line each: a Ctrl-C outside stop_on_ctrl_c (the checks, a
+    download, the tiny preset's build, the last writes; after the KeyboardInterrupt has cleaned up), NoLevel from a
+    level after the first (the checks build only the first), and weights found to hold NaN when they are read."""
     try:
         main()
     except KeyboardInterrupt:
@@ -236,6 +236,8 @@ def cli(main):
         sys.exit(130)
     except games.NoLevel as e:
         sys.exit(f"error: {e}; the checks at the start built the first level with these settings, but not this one")
+    except modeling.NonFinite as e:  # found when a checkpoint's weights are read, after the checks
+        sys.exit(f"error: {e}")
 
 
 @contextlib.contextmanager

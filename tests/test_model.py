@@ -263,6 +263,19 @@ def test_check_checkpoint_reads_headers_only(ckpt):
         M.check_checkpoint(ckpt)
 
 
+def test_load_refuses_weights_holding_nan(tmp_path, tiny):
+    """Weights holding NaN or infinity are refused when load reads them, naming the tensor (check_checkpoint, which
+    reads the headers only, passes them)."""
+    model, tok = tiny
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    M.save(bad, tok, tmp_path)
+    M.check_checkpoint(tmp_path)
+    with pytest.raises(M.NonFinite, match=r"model.safetensors: tensor model.layers.1.mlp.down_proj.weight holds NaN"):
+        M.load(tmp_path)
+
+
 def test_error_model_type_and_shape(ckpt):
     """An unknown model_type, and weights that do not match config.json, are named."""
     cfg = json.loads((ckpt / "config.json").read_text())

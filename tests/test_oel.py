@@ -951,15 +951,15 @@ def test_eval_checks_its_result_can_be_written_before_playing(tmp_path, monkeypa
 
 def test_a_damaged_run_file_ends_a_resumed_run_with_one_line_naming_it(tmp_path):
     """Atomic writes never leave a run file damaged, but a copy or a hand edit can: a resumed run (and eval.py reading
-    a run) then ends with one line naming the file, not a traceback; so do a checkpoint passed as the run folder, and
-    a run folder it cannot write in."""
+    a run) then ends with one line naming the file, not a traceback; so do a checkpoint passed as the run folder,
+    weights holding infinity, and a run folder it cannot write in."""
     cfg = dict(model="tiny", rounds=1, n_train=2, n_test=1, n_ood=0, K=1, n=2, knowledge_budget=64, steps=1,
                batch_size=2, micro_batch=2, max_new_tokens=4, extract_max_new_tokens=4, max_turns=1, save_every=1)
     run = tmp_path / "run"
     oel.run(oel.OELConfig(out_dir=str(run), **cfg))
     for name in ("config.json", "base/eval.json", "r0/model/model.safetensors", "r0/deploy.jsonl", "r0/pool.json",
                  "r0/consolidate.pt", "metrics.jsonl"):
-        case = tmp_path / name.replace("/", "-")
+        case = tmp_path / f"case-{name.replace('/', '-')}"
         shutil.copytree(run, case)
         if name.startswith(("r0/deploy", "r0/pool", "r0/consolidate")):  # read only while round 0 is unfinished
             shutil.rmtree(case / "r0" / "model")
@@ -977,6 +977,12 @@ def test_a_damaged_run_file_ends_a_resumed_run_with_one_line_naming_it(tmp_path)
     with pytest.raises(SystemExit, match=f"^error: {re.escape(str(run / 'r0' / 'model'))} is a model checkpoint, not"):
         oel.run(oel.OELConfig(out_dir=str(run / "r0" / "model"), **cfg))  # and nothing is written in it
     assert not (run / "r0" / "model" / ".lock").exists()
+    bad, tok = modeling.load("tiny")  # weights holding infinity: found when read, after the checks; one line too
+    with torch.no_grad():
+        bad.output_weight[0, 0] = float("inf")
+    modeling.save(bad, tok, tmp_path / "inf")
+    with pytest.raises(SystemExit, match=r"^error: .*/inf/model.safetensors: tensor model.embed_tokens.weight holds NaN"):
+        train.cli(lambda: evaluation.main(["--model", str(tmp_path / "inf"), "--n", "1", "--out", str(tmp_path / "x.json")]))
     (tmp_path / "ro" / ".lock").mkdir(parents=True)  # open() fails on it as in a read-only folder
     with pytest.raises(SystemExit, match=rf"^error: cannot write in {re.escape(str(tmp_path / 'ro'))} \(Is a directory\)$"):
         oel.run(oel.OELConfig(out_dir=str(tmp_path / "ro"), **cfg))
