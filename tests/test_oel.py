@@ -36,6 +36,12 @@ def states(game, split, n, seed):
     return [(game, f"Observation 1:\n{env.reset(env.seed)}") for env in games.make_games(game, split, n, seed=seed)]
 
 
+def mixed_states():
+    """Three states whose prompts differ in length: two games, and a second turn."""
+    (sokoban, first), frozenlake = states("sokoban", "train", 1, 0)[0], states("frozenlake", "train", 1, 0)[0]
+    return [(sokoban, first), frozenlake, (sokoban, first + "\n\nAction 1: [up]\n\nObservation 2:\nYou moved up.")]
+
+
 def fake_trajectory(i):
     turn = games.Turn(state=f"state {i}", prompt=f"prompt {i}", response=f"<think>hm</think>[up] {i}", n_tokens=5,
                       action="up", feedback="You moved up.", reward=0.0)
@@ -170,15 +176,17 @@ def test_consolidation_halves_heldout_kl_and_only_trains_student():
 
 def test_response_hidden_predicts_the_sampled_tokens(tiny):
     """The hidden states distillation scores are the ones that sampled each response token: their log-probs at
-    the sampling temperature equal generate()'s."""
+    the sampling temperature equal generate()'s, for prompts and responses of different lengths in one batch."""
     m, tok = tiny
-    prompts = [tok.user_ids(games.user_prompt(g, s), False) for g, s in states("sokoban", "train", 3, 0)]
+    prompts = [tok.user_ids(games.user_prompt(g, s), False) for g, s in mixed_states()]
     outs = modeling.generate(m, tok, prompts, max_new_tokens=12, temperature=0.7, seed=3)
+    cut = [(o.tokens[: 12 - 4 * i], o.logprobs[: 12 - 4 * i]) for i, o in enumerate(outs)]  # 12, 8, 4 tokens
+    assert len({len(p) for p in prompts}) == 3 and [len(t) for t, _ in cut] == [12, 8, 4]
     with torch.no_grad():
-        h = oel.response_hidden(m, prompts, [o.tokens for o in outs])  # [N,C]
+        h = oel.response_hidden(m, prompts, [t for t, _ in cut])  # [N,C]
         logp = (h @ m.output_weight.T / 0.7).log_softmax(-1)
-    tokens = torch.tensor([x for o in outs for x in o.tokens])
-    expected = torch.tensor([x for o in outs for x in o.logprobs])
+    tokens = torch.tensor([x for t, _ in cut for x in t])
+    expected = torch.tensor([x for _, lp in cut for x in lp])
     assert torch.allclose(logp[torch.arange(len(tokens)), tokens], expected, atol=1e-5)
 
 
@@ -191,7 +199,9 @@ def test_distill_loss_matches_float64_reference(tiny):
             p.add_(0.05 * torch.randn_like(p))  # the teacher differs from the student beyond its context
     teacher = oel.frozen_copy(modeling.load("tiny")[0], torch.float32)
     cfg = oel.OELConfig(max_new_tokens=10, batch_size=3, micro_batch=3, kl_temperature=0.7)
-    batch = oel.sample_batch(student, tok, states("sokoban", "train", 3, 0), [KNOWLEDGE], cfg, 0, 0)
+    batch = oel.sample_batch(student, tok, mixed_states(), [KNOWLEDGE], cfg, 0, 0)
+    batch[0] = replace(batch[0], response=batch[0].response[:4])  # responses of different lengths: right padding
+    assert len({len(b.prompt) for b in batch}) == 3 and len({len(b.response) for b in batch}) == 2
     with torch.no_grad():
         loss, n = oel.distill_loss(student, teacher, tok, batch, cfg)
     s64, t64 = oel.frozen_copy(student, torch.float64), oel.frozen_copy(teacher, torch.float64)
@@ -1491,17 +1501,22 @@ def test_extraction_keeps_a_repeated_lesson_once_and_exact_budgets_fit(tiny, tmp
     assert oel.raw_context([fake_trajectory(0)], tok, len(tok.encode(one))) == one
 
 
-def test_distill_loss_gradient_matches_float64_reference(tiny):
-    """The gradient of distill_loss reaches every student weight as float64 autograd of the reference loss (each
-    model run on its own prompt + response) gives it: the output head's own term included (tied to the embeddings,
-    so a head cut out of the graph would still leave that weight a gradient from the input side)."""
+@pytest.mark.parametrize("topk", [0, 5])
+def test_distill_loss_gradient_matches_float64_reference(tiny, topk):
+    """The loss and its gradient reach every student weight as float64 autograd of the reference loss (each model run
+    on its own prompt + response) gives them: the output head's own term included (tied to the embeddings, so a head
+    cut out of the graph would still leave that weight a gradient from the input side); with --topk, the paper's
+    approximation (the sum over the student's top-k tokens) likewise."""
     student, tok = modeling.load("tiny")
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     teacher = oel.frozen_copy(modeling.load("tiny")[0], torch.float32)
-    cfg = oel.OELConfig(max_new_tokens=6, batch_size=2, micro_batch=2, kl_temperature=0.7)
-    batch = oel.sample_batch(student, tok, states("sokoban", "train", 2, 0), [KNOWLEDGE], cfg, 0, 0)
+    cfg = oel.OELConfig(max_new_tokens=6, batch_size=2, micro_batch=2, kl_temperature=0.7, topk=topk)
+    prompts = states("sokoban", "train", 1, 0) + states("frozenlake", "train", 1, 0)
+    batch = oel.sample_batch(student, tok, prompts, [KNOWLEDGE], cfg, 0, 0)
+    batch[0] = replace(batch[0], response=batch[0].response[:3])  # responses of different lengths: right padding
+    assert len({len(b.prompt) for b in batch}) == len({len(b.response) for b in batch}) == 2
     loss, n = oel.distill_loss(student, teacher, tok, batch, cfg)
     (loss / n).backward()
     s64, t64 = oel.frozen_copy(student, torch.float64).requires_grad_(True), oel.frozen_copy(teacher, torch.float64)
@@ -1511,12 +1526,14 @@ def test_distill_loss_gradient_matches_float64_reference(tiny):
         ps = (s64(torch.tensor([b.prompt + b.response]))[0, len(b.prompt) - 1 : -1] / 0.7).log_softmax(-1)
         with torch.no_grad():
             pt = (t64(torch.tensor([t_ids + b.response]))[0, len(t_ids) - 1 : -1] / 0.7).log_softmax(-1)
-        ref = ref + (ps.exp() * (ps - pt)).sum()
+        terms = ps.exp() * (ps - pt)  # [len(response),V]
+        ref = ref + (terms if not topk else terms.gather(-1, ps.topk(topk, -1).indices)).sum()
+    assert torch.allclose(loss.double(), ref, rtol=1e-5), (loss.item(), ref.item())
     (ref / n).backward()
     grads64 = dict(s64.named_parameters())
     for name, p in student.named_parameters():
         g64 = grads64[name].grad
-        assert ((p.grad.double() - g64).norm() / g64.norm()).item() < 1e-3, name
+        assert ((p.grad.double() - g64).norm() / g64.norm()).item() < 1e-5, name
 
 
 def test_sample_batch_depends_on_the_run_seed_and_draws_the_whole_pool(tiny, monkeypatch):
