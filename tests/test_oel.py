@@ -42,6 +42,14 @@ def mixed_states():
     return [(sokoban, first), frozenlake, (sokoban, first + "\n\nAction 1: [up]\n\nObservation 2:\nYou moved up.")]
 
 
+def unequal_responses(monkeypatch):
+    """Cut the i-th sampled response of every step to 2 + 2i tokens (the tiny model never stops early), so that
+    weighting by sequence or micro-batch differs from weighting by token."""
+    real = oel.sample_batch
+    monkeypatch.setattr(oel, "sample_batch", lambda *a, **k: [replace(b, response=b.response[: 2 + 2 * i])
+                                                            for i, b in enumerate(real(*a, **k))])
+
+
 def fake_trajectory(i):
     turn = games.Turn(state=f"state {i}", prompt=f"prompt {i}", response=f"<think>hm</think>[up] {i}", n_tokens=5,
                       action="up", feedback="You moved up.", reward=0.0)
@@ -1396,10 +1404,11 @@ def test_sample_batch_draws_fresh_knowledge_each_step_and_round(tiny, monkeypatc
     assert oel.accumulation_orders(replace(cfg, K=2, n=8), 0, 16) != oel.accumulation_orders(replace(cfg, K=2, n=8), 1, 16)
 
 
-def test_consolidation_weights_tokens_not_micro_batches_and_clips():
-    """The gradient of a step averages over its tokens, so micro_batch (which may change on resume) does not change
-    it; a tiny grad_clip shrinks the update (AdamW divides by the gradient's size: only clipping far below its
-    epsilon shows in the weights)."""
+def test_consolidation_weights_tokens_not_micro_batches_and_clips(monkeypatch):
+    """The gradient of a step averages over its tokens (responses of 2 to 8 here), so micro_batch (which may change
+    on resume) does not change it; a tiny grad_clip shrinks the update (AdamW divides by the gradient's size: only
+    clipping far below its epsilon shows in the weights)."""
+    unequal_responses(monkeypatch)
     prompts = states("sokoban", "train", 4, 0)
     cfg = oel.OELConfig(max_new_tokens=8, batch_size=4, steps=1, lr=1e-2, grad_ckpt=False)
     base = modeling.load("tiny")[0].state_dict()
@@ -1444,10 +1453,11 @@ def test_consolidation_warns_when_a_step_has_more_prompts_than_the_round(capsys)
         assert (f"round 1 | warning: 2 deploy turns for a --batch_size of {batch_size}:" in out) == warned
 
 
-def test_step_log_is_the_per_token_kl():
-    """A step's logged kl is the KL per response token of its batch (not per sequence), over its logged tokens; its
-    grad_norm is the norm of the gradient of that per-token loss before clipping (a grad_clip far below it does not
-    change what is logged); steps count from 1."""
+def test_step_log_is_the_per_token_kl(monkeypatch):
+    """A step's logged kl is the KL per response token of its batch (not per sequence: responses of 2 to 8 tokens
+    here), over its logged tokens; its grad_norm is the norm of the gradient of that per-token loss before clipping
+    (a grad_clip far below it does not change what is logged); steps count from 1."""
+    unequal_responses(monkeypatch)
     student, tok = modeling.load("tiny")
     teacher = oel.frozen_copy(student, torch.float32)
     prompts = states("sokoban", "train", 4, 0)
