@@ -385,20 +385,28 @@ def test_default_chunk_fits_1gib():
 
 
 COMPILE_FOR_H100 = """
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.kl import _kl_kernel, _scale_kernel
+import kernels.kl
+from kernels.kl import _kl_kernel, _scale_kernel, flat_mask, kl_rows_triton
+launch = {}  # the settings kl_rows_triton launches the kernel with, recorded instead of launched
+kernels.kl._kl_kernel = type("Spy", (), {"__getitem__": lambda self, grid: lambda *a, **kw: launch.update(kw)})()
+z = torch.zeros(2, 151936, dtype=torch.bfloat16)
+kl_rows_triton(z, z, z.clone(), *flat_mask(None, 2, "cpu"), 0.7, True)
+assert launch.pop("REVERSE") is True and launch.pop("WRITE_GRAD") is True, launch
+block = launch.pop("BLOCK_V")
 sig = dict(s_ptr="*bf16", t_ptr="*bf16", g_ptr="*bf16", valid_ptr="*i8", count_ptr="*i32", loss_ptr="*fp32",
            s_stride="i32", t_stride="i32", g_stride="i32", V="i32", inv_temp="fp32",
            REVERSE="constexpr", WRITE_GRAD="constexpr", BLOCK_V="constexpr")
 aligned = {(i,): [["tt.divisibility", 16]] for i in range(10)}  # what the launcher specialises at V = 151,936
 for reverse in (True, False):
     for write_grad in (True, False):
-        src = ASTSource(_kl_kernel, sig, dict(REVERSE=reverse, WRITE_GRAD=write_grad, BLOCK_V=4096), aligned)
-        options = dict(num_warps=4, enable_fp_fusion=False)  # as kl_rows_triton launches it
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+        src = ASTSource(_kl_kernel, sig, dict(REVERSE=reverse, WRITE_GRAD=write_grad, BLOCK_V=block), aligned)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=launch).asm["ptx"]
         assert "ld.global.v4" in ptx, "no 16-byte vector loads"
+        assert "fma.rn.f32" not in ptx, "fma contraction: pass 2 would round its exponents unlike pass 1"
 src = ASTSource(_scale_kernel, dict(g_ptr="*bf16", scale_ptr="*fp32", n="i64", n_blocks="i32", BLOCK="constexpr"),
                 dict(BLOCK=8192))
 triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
@@ -406,8 +414,8 @@ triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
 def test_triton_kernel_compiles_for_h100():
-    """The interpreter is lax: the kernel also compiles for sm_90 (every variant) with 16-byte vector loads, and so
-    does the scale kernel."""
+    """The interpreter is lax: the kernel also compiles for sm_90 (every variant), as kl_rows_triton launches it, with
+    16-byte vector loads and no fma contraction (on by default in Triton), and so does the scale kernel."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
