@@ -275,7 +275,7 @@ def test_textworld_walkthrough_wins(tmp_path, monkeypatch):
     assert obs.startswith("Invalid action [restart]. Valid actions: the commands listed below.") and not done
     results = play(env, env.solve())
     obs, reward, done, info = results[-1]
-    assert done and reward == 1.0 and info["won"] and "*** The End ***" not in obs
+    assert done and reward == 1.0 and info["won"] and "*** The End ***" not in obs and len(results) == 2
     assert not any(d for _, _, d, _ in results[:-1])
     files = sorted(os.listdir(tmp_path / "textworld"))
     assert files == ["coin_collector-level2-s5.json", "coin_collector-level2-s5.z8"]  # no temporary leftovers
@@ -283,6 +283,23 @@ def test_textworld_walkthrough_wins(tmp_path, monkeypatch):
     assert env.reset(5) == first
     assert os.path.getmtime(tmp_path / "textworld" / files[1]) == mtime
     env.close()
+
+
+def test_textworld_every_setting_is_won_by_its_walkthrough_in_the_stated_moves():
+    """Every kind and level of TW_LEVELS (coin_collector level 2: the test above) generates a game whose walkthrough
+    wins it on its last move, in the fewest moves TW_LEVELS' comment states (coin 1/2/4, treasure 1/3/4, cooking
+    3/3-4/4-5)."""
+    fewest = {"coin_collector": [{1}, {2}, {4}], "treasure_hunter": [{1}, {3}, {4}], "cooking": [{3}, {3, 4}, {4, 5}]}
+    envs = [TextWorldGame(kind=kind, level=level, seed=5) for kind in games.TW_LEVELS for level in (1, 2, 3)
+            if (kind, level) != ("coin_collector", 2)]
+    games.pregenerate(envs)  # in worker processes, in parallel
+    for env in envs:
+        env.reset()
+        plan = env.solve()
+        results = play(env, plan)
+        assert len(plan) in fewest[env.kind][env.level - 1] and results[-1][3]["won"], (env.kind, env.level, plan)
+        assert not any(done for _, _, done, _ in results[:-1])
+        env.close()
 
 
 def test_textworld_games_generate_in_parallel_as_in_process(tmp_path, monkeypatch):
