@@ -58,12 +58,13 @@ def logits(T, V, dtype, scale=4.0, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reverse", [True, False])
 def test_kl_matches_float64(impl, dtype, reverse):
-    """Loss and student gradient equal float64 autograd (irregular T, V; tau 0.7; masked rows; upstream 2.5)."""
+    """Loss and student gradient equal float64 autograd (irregular T, V; tau 0.7; masked rows; upstream 2.5). The
+    loss is fp32 math on the same inputs in either dtype (1e-5); only a bf16 gradient is stored in bf16 (1e-2)."""
     s, t = logits(13, 5003, dtype)  # V spans two 4096 blocks with a ragged tail
     mask = torch.rand(13, generator=torch.Generator().manual_seed(1)) > 0.3
     loss, grad = loss_and_grad(KL[impl], s, t, mask, 0.7, reverse, upstream=2.5)
     loss64, grad64 = loss_and_grad(kl64, s, t, mask, 0.7, reverse, upstream=2.5)
-    assert abs(loss - loss64) / loss64 < TOL[dtype]
+    assert abs(loss - loss64) / loss64 < 1e-5
     assert grad.dtype == torch.float64 and rel(grad, grad64) < TOL[dtype]
     assert grad[~mask].abs().max() == 0
 

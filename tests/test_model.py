@@ -569,13 +569,14 @@ def test_strip_thinking():
 
 
 def test_tiny_preset(tmp_path, tiny):
-    """The tiny preset is deterministic, transformers-loadable, and its tokenizer round-trips text."""
+    """The tiny preset is deterministic, transformers-loadable, exact in bf16, and its tokenizer round-trips text."""
     for d in ("a", "b"):
         M.make_tiny(tmp_path / d, seed=0)
     for f in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     model, tok = tiny
     assert model.config.max_position_embeddings >= 8192 and model.config.vocab_size >= tok.tok.get_vocab_size()
+    assert all(torch.equal(p, p.bfloat16().float()) for p in model.parameters())  # a bf16 copy is the same model
     for special in (M.ENDOFTEXT, M.IM_START, M.IM_END, M.THINK, M.END_THINK):
         assert len(tok.encode(special)) == 1
     assert tok.stop_ids == [tok.encode(M.IM_END)[0], tok.encode(M.ENDOFTEXT)[0]]
