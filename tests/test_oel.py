@@ -1256,7 +1256,8 @@ def test_deploy_avoids_test_boards_where_the_level_space_allows(monkeypatch):
             envs = games.make_games(game, "train", 256, seed=0, exclude=boards, **oel.game_settings(options))
             assert not {games.first_observation(e) for e in envs} & boards
         else:  # 19 boards in all, each in the test set and in training
-            test, train = ({games.first_observation(e) for e in games.make_games(game, split, 128)} for split in ("test", "train"))
+            test, train = ({games.first_observation(e) for e in games.make_games(game, split, 128)}
+                           for split in ("test", "train"))
             assert len(test) == 19 and test == train
     generated = []  # TextWorld test levels are generated in parallel before their boards are read (one by one)
     monkeypatch.setattr(games, "pregenerate", lambda envs: generated.append([e.seed for e in envs]))
