@@ -226,14 +226,18 @@ def check(cfg):
 
 
 def cli(main):
-    """Run main(), turning three more ends into one line each: a Ctrl-C outside stop_on_ctrl_c (the checks, a
+    """Run main(), turning four more ends into one line each: a Ctrl-C outside stop_on_ctrl_c (the checks, a
     download, the tiny preset's build, the last writes; after the KeyboardInterrupt has cleaned up), NoLevel from a
-    level after the first (the checks build only the first), and weights found to hold NaN when they are read."""
+    level after the first (the checks build only the first), weights found to hold NaN when they are read, and
+    stdout's reader gone (`| head`; files are written whole or not at all, so a run resumes)."""
     try:
         main()
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would fail again
+        sys.exit("stopped: the program reading the output closed it")
     except games.NoLevel as e:
         sys.exit(f"error: {e}; the checks at the start built the first level with these settings, but not this one")
     except modeling.NonFinite as e:  # found when a checkpoint's weights are read, after the checks

@@ -1644,3 +1644,17 @@ def test_consolidation_optimizer_takes_the_runs_settings(tmp_path, monkeypatch):
     (group,) = torch.load(tmp_path / "state.pt")["opt"]["param_groups"]
     assert (group["lr"], tuple(group["betas"]), group["weight_decay"]) == (3e-4, (0.9, 0.999), 0.2)
     assert saved == [2, 3]
+
+
+def test_a_closed_output_pipe_stops_with_one_line(tmp_path):
+    """`python train.py | head -1`: once the reader has gone, the run stops with one line and status 1, no
+    traceback (and no second error from Python's exit flush)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "train.py", "--model", "tiny", "--out_dir", str(tmp_path / "run")],
+                              cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 1 and proc.stderr == "stopped: the program reading the output closed it\n"
