@@ -386,6 +386,7 @@ def test_default_chunk_fits_1gib():
 
 
 COMPILE_FOR_H100 = """
+import re
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
@@ -405,18 +406,23 @@ aligned = {(i,): [["tt.divisibility", 16]] for i in range(10)}  # what the launc
 for reverse in (True, False):
     for write_grad in (True, False):
         src = ASTSource(_kl_kernel, sig, dict(REVERSE=reverse, WRITE_GRAD=write_grad, BLOCK_V=block), aligned)
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=launch).asm["ptx"]
+        asm = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=launch).asm
+        ptx, ttir = asm["ptx"], asm["ttir"]
         assert "ld.global.v4" in ptx, "no 16-byte vector loads"
         assert "fma.rn.f32" not in ptx, "fma contraction: pass 2 would round its exponents unlike pass 1"
+        offsets = re.findall(r"arith.muli %row\S*, %(\w)_ptr\S* : i64", ttir)  # row x stride for s, t (and g)
+        assert offsets == ["s", "t"] + ["g"] * write_grad, "row offsets in 32 bits overflow once T x V > 2^31"
 src = ASTSource(_scale_kernel, dict(g_ptr="*bf16", scale_ptr="*fp32", n="i64", n_blocks="i32", BLOCK="constexpr"),
                 dict(BLOCK=8192))
-triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+ttir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ttir"]
+assert re.search(r"arith.muli .*: i64", ttir), "block offsets in 32 bits"
 """
 
 
 def test_triton_kernel_compiles_for_h100():
     """The interpreter is lax: the kernel also compiles for sm_90 (every variant), as kl_rows_triton launches it, with
-    16-byte vector loads and no fma contraction (on by default in Triton), and so does the scale kernel."""
+    16-byte vector loads, no fma contraction (on by default in Triton) and 64-bit row offsets, and so does the scale
+    kernel, with 64-bit offsets."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
