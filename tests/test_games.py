@@ -19,7 +19,9 @@ def play(env, moves):
 @pytest.mark.parametrize("game,options", [("frozenlake", {}), ("sokoban", {}), ("frozenlake", {"size": 4, "holes": 3}),
                                           ("sokoban", {"size": 7, "boxes": 2, "max_moves": None})])
 def test_levels_solvable_and_solver_wins(game, options):
-    """Every generated level is solvable, and the solver's moves played through step() win on the last move."""
+    """Every generated level is solvable, and the solver's moves played through step() win on the last move; default
+    Sokoban levels take each of 2 to 5 moves."""
+    lengths = set()
     for env in make_games(game, "train", 50, seed=1, **options):
         env.reset()
         if game == "frozenlake":  # exactly `holes` holes on the board shown, none on the start or the goal
@@ -29,10 +31,13 @@ def test_levels_solvable_and_solver_wins(game, options):
         assert moves and len(moves) == env.optimal
         if game == "sokoban" and "max_moves" not in options:
             assert 2 <= env.optimal <= 5  # never trivial, always winnable within the default 5 turns
+            lengths.add(env.optimal)
         results = play(env, moves)
         assert [done for _, _, done, _ in results] == [False] * (len(moves) - 1) + [True]
         assert [r for _, r, _, _ in results] == [0.0] * (len(moves) - 1) + [1.0]
         assert results[-1][3]["won"]
+    if game == "sokoban" and "max_moves" not in options:
+        assert lengths == {2, 3, 4, 5}  # min_moves and max_moves themselves included
 
 
 FL_START = """\
@@ -178,6 +183,8 @@ def test_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="unknown game"):
         user_prompt("chess", "")
     assert FrozenLake(size=games.MAX_SIZE).size == Sokoban(size=games.MAX_SIZE).size == 64  # the largest boards
+    exact = Sokoban(min_moves=3, max_moves=3)  # levels of exactly 3 moves
+    assert [(exact.reset(s), exact.optimal)[1] for s in range(3)] == [3, 3, 3]
     for make in (lambda: FrozenLake(size=3, holes=5), lambda: Sokoban(size=4), lambda: Sokoban(boxes=0),
                  lambda: FrozenLake(size=65), lambda: Sokoban(size=65),  # larger ones would hang level search
                  lambda: Sokoban(min_moves=3, max_moves=2), lambda: Sokoban(max_moves=0), lambda: Sokoban(min_moves=-1),
@@ -342,8 +349,9 @@ def test_textworld_lost_game_ends_cleanly(tmp_path, monkeypatch):
     assert obs == "You burned the purple potato!"
 
 
-def test_rollout_lockstep_scripted(monkeypatch, tmp_path):
-    """A scripted policy (the solver) wins every game in optimal steps; finished games leave the batch."""
+def test_rollout_lockstep_scripted(monkeypatch, tmp_path, capsys):
+    """A scripted policy (the solver) wins every game in optimal steps; finished games leave the batch; the progress
+    bars (levels, then games) are named after the set."""
     import model
 
     envs = make_games("sokoban", "test", 4) + make_games("frozenlake", "test", 4)
@@ -361,7 +369,9 @@ def test_rollout_lockstep_scripted(monkeypatch, tmp_path):
 
     monkeypatch.setattr(model, "generate", fake_generate)
     tok = SimpleNamespace(user_ids=lambda content, thinking: [len(content)])
-    trajs = rollout(None, tok, envs, RolloutConfig(), seed=3)
+    trajs = rollout(None, tok, envs, RolloutConfig(), seed=3, desc="deploy mixed 2/3")
+    err = capsys.readouterr().err
+    assert re.search(r"\rdeploy mixed 2/3: levels: +0%", err) and re.search(r"\rdeploy mixed 2/3: +0%.*game/s", err)
     assert all(t.won for t in trajs) and [t.steps for t in trajs] == [e.optimal for e in envs]
     assert batches[0] == 8 and batches == sorted(batches, reverse=True) and len(batches) == max(e.optimal for e in envs)
     assert seeds == [3000 + t for t in range(len(batches))]  # the rollout's seed, a fresh one each turn

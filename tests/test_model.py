@@ -254,6 +254,9 @@ def test_check_checkpoint_reads_headers_only(ckpt):
     (ckpt / "config.json").write_text(json.dumps({**cfg, "hidden_size": "64"}))
     with pytest.raises(ValueError, match="hidden_size must be an integer$"):
         M.check_checkpoint(ckpt)
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "hidden_size": "64", "vocab_size": 1.5}))
+    with pytest.raises(ValueError, match="vocab_size, hidden_size must be integers$"):
+        M.check_checkpoint(ckpt)
     (ckpt / "config.json").write_text(json.dumps(cfg))
     (ckpt / "tokenizer.json").write_text("garbage")
     with pytest.raises(ValueError, match="tokenizer.json is not a tokenizer"):
@@ -610,18 +613,19 @@ def test_save_writes_bf16_and_the_chat_stop_tokens(tmp_path, tiny):
     a new file be (safetensors alone would write its weights private)."""
     model, tok = tiny
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    mask = os.umask(0o022)
-    try:
-        M.save(bf16, tok, tmp_path)
-    finally:
-        os.umask(mask)
-    assert {f.name: f.stat().st_mode & 0o777 for f in tmp_path.iterdir()} == {
-        f: 0o644 for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                           "tokenizer_config.json")}
-    assert {v.dtype for v in load_file(tmp_path / "model.safetensors").values()} == {torch.bfloat16}
-    back, _ = M.load(tmp_path, dtype=torch.bfloat16)
+    for umask in (0o077, 0o022):  # private, then readable by all: the second checkpoint is checked below
+        path, mask = tmp_path / f"umask{umask:03o}", os.umask(umask)
+        try:
+            M.save(bf16, tok, path)
+        finally:
+            os.umask(mask)
+        assert {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()} == {
+            f: 0o666 & ~umask for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                                        "tokenizer_config.json")}
+    assert {v.dtype for v in load_file(path / "model.safetensors").values()} == {torch.bfloat16}
+    back, _ = M.load(path, dtype=torch.bfloat16)
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), bf16.state_dict().values()))
-    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    config = transformers.AutoConfig.from_pretrained(path)
     im_end, endoftext = tok.tok.token_to_id(M.IM_END), tok.tok.token_to_id(M.ENDOFTEXT)
     assert config.dtype == torch.bfloat16 and config.eos_token_id == im_end
-    assert transformers.GenerationConfig.from_pretrained(tmp_path).eos_token_id == [im_end, endoftext]
+    assert transformers.GenerationConfig.from_pretrained(path).eos_token_id == [im_end, endoftext]

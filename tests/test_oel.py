@@ -340,17 +340,20 @@ def test_two_round_run_writes_everything_and_resumes_after_kill(tmp_path):
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path):
-    """Ctrl-C ends train.py with one line saying how to resume (exit status 130), not a traceback."""
+    """Ctrl-C ends train.py with one line saying how to resume (exit status 130), not a traceback; what it printed
+    before is kept, also in a pipe's buffer."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train.py", *TINY_ARGS, "--out_dir", str(out)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout is a pipe: block-buffered
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY_ARGS, "--out_dir", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "base").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=60)[1]
+    stdout, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == f"interrupted: rerun the same command to resume {out}"
+    assert "oel | model tiny | game frozenlake | 2 rounds" in stdout and f"| out {out}\n" in stdout  # the first lines
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -483,7 +486,7 @@ def test_train_rejects_bad_settings(tmp_path, capsys):
     train.check(train.parse_args(["--model", "tiny", "--game_options", '{"size": 4}', "--max_turns", "6"]))
     assert "warning" not in capsys.readouterr().out
     for flag, value in (("--topk", "-1"), ("--n_ood", "-1"), ("--seed", "-1"), ("--weight_decay", "-1"),
-                        ("--weight_decay", "nan")):
+                        ("--weight_decay", "nan"), ("--weight_decay", "inf")):
         with pytest.raises(SystemExit, match=rf"^error: {flag} must be >= 0 \(and finite\), got {value}"):
             train.check_settings(train.parse_args(["--model", "tiny", flag, value]))
     with pytest.raises(SystemExit, match="must be finite and > 0"):  # a negative clip norm would ascend the loss
@@ -566,7 +569,7 @@ def test_train_checkpoint_checks_count_memory_disk_and_tokens(tmp_path, monkeypa
     (tmp_path / "bad" / "model.safetensors").write_bytes(b"garbage!" * 10)
     with pytest.raises(SystemExit, match=re.escape(f"error: --model {tmp_path / 'bad'}: ")):
         train.checkpoint_or_exit("--model", str(tmp_path / "bad"))
-    for name in ("no-such-dir", "./no/such", "/no-such"):  # a typo'd local path is not sent to the Hub
+    for name in ("no-such-dir", "./no/such", "./no-such", "/no-such"):  # a typo'd local path is not sent to the Hub
         with pytest.raises(SystemExit, match="is not a checkpoint directory, 'tiny', or a Hub id"):
             train.resolve_model(name)
     def offline(name, **kw):
@@ -583,9 +586,25 @@ def test_train_checkpoint_checks_count_memory_disk_and_tokens(tmp_path, monkeypa
         train.resolve_model("runs/typo")
 
 
+def test_train_checks_settings_before_any_download_then_fetches_both_checkpoints(tmp_path, monkeypatch):
+    """train.py refuses bad settings before it fetches anything from the Hub, then fetches --model and --extractor and
+    runs on the local folders."""
+    fetched, runs, local = [], [], str(modeling.tiny_dir())
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, **kw: fetched.append(name) or local)
+    monkeypatch.setattr(oel, "run", lambda cfg, device: runs.append(cfg) or [])
+    args = ["--model", "owner/model", "--extractor", "owner/extractor", "--max_new_tokens", "64",
+            "--extract_max_new_tokens", "64", "--out_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match="--steps must be >= 1"):
+        train.main(args + ["--steps", "0"])
+    assert fetched == []
+    train.main(args)
+    assert fetched == ["owner/model", "owner/extractor"]
+    assert runs[0].model == runs[0].extractor == local
+
+
 def test_summary_and_ctrl_c_handler():
     """The summary's first row is the base model, round 0 is round 0, a run without an OOD set shows nan; the Ctrl-C
-    handler is only in place inside its block (eval.main and train.main can be called from Python)."""
+    handler is only in place inside its block, however it ends (eval.main and train.main can be called from Python)."""
     rows = [{"round": -1, "test_pass_rate": 0.25, "test_tokens_per_turn": 10.0, "test_mean_steps": 3.0},
             {"round": 0, "test_pass_rate": 9 / 128, "test_tokens_per_turn": 1024.25, "test_mean_steps": 2.0}]
     lines = train.summary(rows).splitlines()  # --n_ood 0: no ood_pass_rate
@@ -595,6 +614,9 @@ def test_summary_and_ctrl_c_handler():
     before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     with train.stop_on_ctrl_c("x"):
         assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) not in before
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
+    with pytest.raises(SystemExit), train.stop_on_ctrl_c("x"):  # also when the block ends with an error
+        raise SystemExit("error: the loss diverged")
     assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
 
 
@@ -737,6 +759,30 @@ def test_settings_without_a_later_level_end_with_one_line(tmp_path, monkeypatch)
         train.cli(run)
     second = games.level_seed("test", 0, 1)
     assert e.value.code.startswith(f"error: line: no level of length 3 for seed {second}; the checks at the start built the first level")
+
+
+def test_eval_checks_the_split_it_plays(tmp_path, monkeypatch, capsys):
+    """eval.py builds the first level of the split it plays, not the test split's, before loading a model: settings
+    that admit no level of it, and observations of it too long for the model's context, are errors."""
+    ood = lambda env: env.seed % 3 == games.SPLITS.index("ood")
+
+    class OodLine(Line):  # no ood level of length 3; ood levels start with 6000 more tokens
+        def reset(self, seed=None):
+            if ood(self) and self.length == 3:
+                raise games.NoLevel("no ood level of length 3")
+            return Line.reset(self, seed)
+
+        def observation(self):
+            return Line.observation(self) + (" far" * 3000 if ood(self) else "")
+
+    monkeypatch.setitem(games.ENVS, "line", OodLine)
+    monkeypatch.setattr(oel, "play", lambda *a, **k: pytest.fail("played"))
+    args = ["--model", "tiny", "--game", "line", "--split", "ood", "--n", "1", "--out", str(tmp_path / "x.json")]
+    for more, match in (([], "--options '' for line: no ood level of length 3"),
+                        (["--options", '{"length": 4}', "--max_turns", "2"], "more than the model's context")):
+        with pytest.raises(SystemExit):
+            evaluation.main(args + more)
+        assert match in capsys.readouterr().err
 
 
 def test_extract_pool_accumulates_saves_versions_and_resumes(tiny, tmp_path, monkeypatch):
@@ -981,10 +1027,14 @@ def test_a_damaged_run_file_ends_a_resumed_run_with_one_line_naming_it(tmp_path)
         shutil.copytree(run, case)
         if name.startswith(("r0/deploy", "r0/pool", "r0/consolidate")):  # read only while round 0 is unfinished
             shutil.rmtree(case / "r0" / "model")
-        data = b"not a checkpoint" if name.endswith(".pt") else (case / name).read_bytes()[:-25]  # cut short
-        (case / name).write_bytes(data)
+        if name.endswith(".pt"):  # removed when the round finished: a state file as torch.save writes one
+            torch.save({"step": 1}, case / name)
+        (case / name).write_bytes((case / name).read_bytes()[:-25])  # cut short
         named = case / ("r0/model" if "safetensors" in name else name)
-        with pytest.raises(SystemExit, match=f"^error: {re.escape(str(named))} cannot be read back .*; (repair|delete)"):
+        advice = {"r0/model/model.safetensors": "delete the folder to redo round 0's consolidation",
+                  "r0/consolidate.pt": "delete it to restart round 0's consolidation from its first step"}
+        advice = advice.get(name, "repair it, or delete it to redo what it holds")
+        with pytest.raises(SystemExit, match=f"^error: {re.escape(str(named))} cannot be read back .*; {advice}$"):
             if name == "metrics.jsonl":
                 evaluation.main(["--plot", str(case)])
             else:
@@ -1130,6 +1180,25 @@ def test_eval_plays_what_its_result_is_named_after(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("eval_tiny_frozenlake_test_n1_s0_think_t1_m1_knowledge_r0-pool-*.json"))) == 3
 
 
+def test_eval_defaults_n_per_split_and_names_options_in_any_order(tmp_path):
+    """Without --n, a run's checkpoint plays the run's n_test or n_ood games, and 128 of the train split (no set of the
+    run); a result's name does not depend on the order its JSON options are written in."""
+    (tmp_path / "run" / "r0" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"n_test": 3, "n_ood": 5}))
+    for model, sizes in ((str(tmp_path / "run" / "r0" / "model"), [3, 5, 128]),
+                         ("tiny", [oel.OELConfig.n_test, oel.OELConfig.n_ood, 128])):
+        defaults = [types.SimpleNamespace(model=model, context=None, split=split) for split in ("test", "ood", "train")]
+        for a in defaults:
+            evaluation.fill_defaults(a)
+        assert [a.n for a in defaults] == sizes
+    names = set()
+    for options in ('{"size": 4, "holes": 3}', '{"holes": 3, "size": 4}'):
+        a = types.SimpleNamespace(model="tiny", context=None, split="test", options=options, mode="none")
+        evaluation.fill_defaults(a)
+        names.add(evaluation.result_name(a, None))
+    assert names == {f"frozenlake-holes3-size4_test_n{oel.OELConfig.n_test}_s0_think_none"}
+
+
 def test_eval_results_of_sibling_checkpoints_do_not_overwrite(tmp_path):
     """Two checkpoint folders side by side get a result each, named after the folder; a run's model folder does not
     name its result (runs/oel/r1/eval_*.json)."""
@@ -1191,7 +1260,8 @@ def test_prompt_length_checks_measure_the_games_observations(tiny, tmp_path, cap
 
 def test_eval_warns_of_empty_contexts_checks_the_whole_prompt_and_plots_both_sets(tiny, tmp_path, monkeypatch, capsys):
     """A pool text that the budget empties is warned of; the prompt-length check counts every turn's observation;
-    a context-free evaluation does not count a budget; the plot draws the test and OOD pass rates per round."""
+    a context-free evaluation does not count a budget, and may fill the context exactly; the plot draws the test and
+    OOD pass rates per round."""
     (tmp_path / "pool.json").write_text(json.dumps(["- EXPERIENCE ITEM: short", "- EXPERIENCE ITEM:" + " long" * 200]))
     texts = evaluation.contexts("knowledge", str(tmp_path / "pool.json"), tiny[1], 30)
     assert texts[0] and not texts[1] and "warning: 1 of the 2 contexts" in capsys.readouterr().out
@@ -1200,8 +1270,20 @@ def test_eval_warns_of_empty_contexts_checks_the_whole_prompt_and_plots_both_set
         evaluation.main(["--model", "tiny", "--n", "1", "--max_new_tokens", "1", "--mode", "raw", "--context",
                          str(tmp_path / "t.jsonl"), "--budget", "6000", "--max_turns", "5", "--out", str(tmp_path / "r.json")])
     assert "more than the model's context of 8192" in capsys.readouterr().err
-    evaluation.main(["--model", "tiny", "--n", "1", "--max_new_tokens", "1", "--max_turns", "14",  # 14 * 512 + 1 < 8192
-                     "--out", str(tmp_path / "r.json")])
+
+    class Played(Exception):
+        pass
+
+    def play(*args, **kwargs):  # the checks passed: the games would start
+        raise Played
+
+    monkeypatch.setattr(oel, "play", play)
+    exact = ["--model", "tiny", "--n", "1", "--max_turns", "15", "--out", str(tmp_path / "r.json")]
+    with pytest.raises(Played):  # 15 * 512 + 512 = 8192: fits exactly
+        evaluation.main(exact + ["--max_new_tokens", "512"])
+    with pytest.raises(SystemExit):
+        evaluation.main(exact + ["--max_new_tokens", "513"])
+    assert "need ~8193 tokens" in capsys.readouterr().err
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text("{}")
     (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(
@@ -1219,13 +1301,15 @@ def test_eval_warns_of_empty_contexts_checks_the_whole_prompt_and_plots_both_set
 
 
 def test_play_keeps_finished_batches(tiny, tmp_path, monkeypatch, capsys):
-    """An interrupted rollout of a game set replays only its unfinished batch (saying so, and which batch it plays),
-    and gives the same trajectories."""
+    """An interrupted rollout of a game set replays only its unfinished batch (saying so, and which batch it plays; a
+    set of one batch is named without a number, after its split when it has no file), and gives the same
+    trajectories; a damaged batch file ends it with one line naming the file."""
     m, tok = tiny
     rcfg = games.RolloutConfig(max_turns=2, max_new_tokens=6)
     path = str(tmp_path / "set.jsonl")
     full = oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path)
     assert len(full) == 5 and not any(p.name.startswith("set.jsonl.part") for p in tmp_path.iterdir())
+    assert "on disk" not in capsys.readouterr().out  # nothing to reuse yet
     os.remove(path)  # as if killed after the first two batches were saved
     games.save_trajectories(path + ".part0", full[:2])
     games.save_trajectories(path + ".part1", full[2:4])
@@ -1242,6 +1326,13 @@ def test_play_keeps_finished_batches(tiny, tmp_path, monkeypatch, capsys):
     assert not any(p.name.startswith("set.jsonl.part") for p in tmp_path.iterdir())
     even = oel.play(m, tok, "sokoban", "test", 4, 0, rcfg, batch=2, path=str(tmp_path / "even.jsonl"))  # n % batch == 0
     assert len(even) == 4 and not any(".part" in p.name for p in tmp_path.iterdir())
+    oel.play(m, tok, "sokoban", "test", 2, 0, rcfg, batch=2)  # one batch, no file
+    assert calls[-1] == (2, "test sokoban")
+    cut = str(tmp_path / "cut.jsonl")
+    games.save_trajectories(cut + ".part0", full[:2])
+    os.truncate(cut + ".part0", 100)  # a copy cut short
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(cut)}.part0 cannot be read back"):
+        oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=cut)
 
 
 def test_deploy_avoids_test_boards_where_the_level_space_allows(monkeypatch):
@@ -1328,9 +1419,10 @@ def record_loads(monkeypatch):
     return loaded
 
 
-def test_rounds_chain_their_checkpoints(tmp_path, monkeypatch):
+def test_rounds_chain_their_checkpoints(tmp_path, monkeypatch, capsys):
     """Round r trains from round r-1's model (round 0 from --model), and each round's evaluation loads that round's
-    model, not the base one; a rerun reuses the models and removes a consolidation state left beside one."""
+    model, not the base one; a rerun reuses the models and removes a consolidation state left beside one. The base
+    model's evaluation logs as base, each round's as round r, made or reused."""
     trained, tiny_model = [], modeling.load("tiny")
 
     def fake_round(cfg, r, rdir, ckpt, device):
@@ -1343,14 +1435,20 @@ def test_rounds_chain_their_checkpoints(tmp_path, monkeypatch):
     oel.run(oel.OELConfig(model="tiny", out_dir=str(tmp_path), rounds=2))
     assert trained == [(0, "tiny"), (1, str(tmp_path / "r0" / "model"))]
     assert loaded == ["tiny", str(tmp_path / "r0" / "model"), str(tmp_path / "r1" / "model")]
+    evals = lambda: [line for line in capsys.readouterr().out.splitlines() if " | eval | " in line]
+    assert evals() == [f"{r} | eval | test_pass_rate 0.000" for r in ("base", "round 0", "round 1")]
     (tmp_path / "r0" / "consolidate.pt").write_bytes(b"")  # killed after saving r0/model, before removing the state
     oel.run(oel.OELConfig(model="tiny", out_dir=str(tmp_path), rounds=2))
     assert len(trained) == 2 and not (tmp_path / "r0" / "consolidate.pt").exists()  # nothing retrained; state removed
+    assert evals() == [line for r, d in (("base", "base"), ("round 0", "r0"), ("round 1", "r1"))
+                       for line in (f"{r} | eval | {tmp_path / d / 'eval.json'} on disk, reused",
+                                    f"{r} | eval | test_pass_rate 0.000")]
 
 
-def test_train_round_plays_fresh_held_out_games_from_its_checkpoint(tmp_path, monkeypatch):
+def test_train_round_plays_fresh_held_out_games_from_its_checkpoint(tmp_path, monkeypatch, capsys):
     """A round loads every model it uses from its own checkpoint (the extractor from --extractor), deploys on the
-    round's own seeds with the test levels held out, and consolidates the student loaded from that checkpoint."""
+    round's own seeds with the test levels held out (logged as evaluation logs its metrics), and consolidates the
+    student loaded from that checkpoint."""
     modeling.save(*modeling.load("tiny"), tmp_path / "ck")
     modeling.save(*modeling.load("tiny"), tmp_path / "ex")
     plays, real_play = [], oel.play
@@ -1363,6 +1461,8 @@ def test_train_round_plays_fresh_held_out_games_from_its_checkpoint(tmp_path, mo
     oel.train_round(cfg, 1, str(tmp_path / "r1"), str(tmp_path / "ck"), "cpu")
     assert loaded == [str(tmp_path / "ck"), str(tmp_path / "ex"), str(tmp_path / "ck")]
     assert plays == [(2 * 1000 + 1, oel.held_out_boards(cfg))] and len(plays[0][1]) > 4
+    # one turn wins no level of 2 or more moves; the tiny model's replies run to max_new_tokens
+    assert "round 1 | deploy | pass 0.000 | tokens/turn 3.0" in capsys.readouterr().out.splitlines()
     seeds = {t.seed for t in games.load_trajectories(tmp_path / "r1" / "deploy.jsonl")}
     assert not seeds & {e.seed for e in games.make_games("sokoban", "train", 2, seed=2 * 1000)}  # round 0's
 
