@@ -188,7 +188,8 @@ def main(argv=None):
                    "default options), else OELConfig's")
     p.add_argument("--split", default="test", choices=games.SPLITS, help="level set (default: test)")
     p.add_argument("--n", type=int, default=argparse.SUPPRESS, help="number of games (default: as for --game, the "
-                   "run's n_test for --split test and its n_ood for ood, OELConfig's outside a run; 128 for train)")
+                   "run's n_test for --split test and its n_ood for ood, OELConfig's outside a run; 128 for train, "
+                   "and for ood after a run without an OOD set)")
     p.add_argument("--options", "--game_options", dest="options", default=argparse.SUPPRESS,
                    help="JSON settings of the game, e.g. '{\"size\": 4, \"holes\": 3}'")
     p.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of the level set and sampling (default: "

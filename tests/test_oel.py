@@ -1182,7 +1182,8 @@ def test_eval_plays_what_its_result_is_named_after(tmp_path, monkeypatch):
 
 def test_eval_defaults_n_per_split_and_names_options_in_any_order(tmp_path):
     """Without --n, a run's checkpoint plays the run's n_test or n_ood games, and 128 of the train split (no set of the
-    run); a result's name does not depend on the order its JSON options are written in."""
+    run) or of the ood split of a run without an OOD set; a result's name does not depend on the order its JSON
+    options are written in."""
     (tmp_path / "run" / "r0" / "model").mkdir(parents=True)
     (tmp_path / "run" / "config.json").write_text(json.dumps({"n_test": 3, "n_ood": 5}))
     for model, sizes in ((str(tmp_path / "run" / "r0" / "model"), [3, 5, 128]),
@@ -1191,6 +1192,10 @@ def test_eval_defaults_n_per_split_and_names_options_in_any_order(tmp_path):
         for a in defaults:
             evaluation.fill_defaults(a)
         assert [a.n for a in defaults] == sizes
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"n_test": 3, "n_ood": 0}))  # a run without an OOD set
+    a = types.SimpleNamespace(model=str(tmp_path / "run" / "r0" / "model"), context=None, split="ood")
+    evaluation.fill_defaults(a)
+    assert a.n == 128
     names = set()
     for options in ('{"size": 4, "holes": 3}', '{"holes": 3, "size": 4}'):
         a = types.SimpleNamespace(model="tiny", context=None, split="test", options=options, mode="none")
