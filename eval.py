@@ -81,8 +81,9 @@ def run_setting(key, *paths):
 
 def check_args(p, a):
     """Reject settings that cannot work, before a model is loaded; returns the context file as read (or None)."""
-    if not (1 <= a.n <= games.MAX_GAMES and a.seed >= 0 and a.max_turns >= 1 and a.max_new_tokens >= 1):
-        p.error(f"need 1 <= --n <= {games.MAX_GAMES}, --seed >= 0, --max_turns >= 1 and --max_new_tokens >= 1")
+    if not (1 <= a.n <= games.MAX_GAMES and a.seed >= 0 and min(a.max_turns, a.max_new_tokens, a.rollout_batch) >= 1):
+        p.error(f"need 1 <= --n <= {games.MAX_GAMES}, --seed >= 0, and --max_turns, --max_new_tokens and "
+                "--rollout_batch >= 1")
     if a.budget is not None and a.budget < 1:
         p.error(f"--budget must be >= 1, got {a.budget}")
     if a.mode == "none" and a.context:
@@ -104,9 +105,8 @@ def fill_defaults(a):
     a.game = vars(a).get("game", run_setting("ood_game" if run_ood else "game", *runs))
     own = a.game == run_setting("game", *runs) and not run_ood
     a.options = vars(a).get("options", run_setting("game_options", *runs) if own else "")
-    for key in ("max_turns", "max_new_tokens", "thinking", "seed"):
+    for key in ("max_turns", "max_new_tokens", "thinking", "seed", "rollout_batch"):
         setattr(a, key, vars(a).get(key, run_setting(key, *runs)))
-    a.rollout_batch = run_setting("rollout_batch", *runs)  # no flag: a batch's sampling seed is the run's
     size = {"test": "n_test", "ood": "n_ood"}.get(a.split)  # the run's set; 128 games of another split
     a.n = vars(a).get("n", (size and run_setting(size, *runs)) or 128)
 
@@ -183,9 +183,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on a game set, or plot a run folder.")
     p.add_argument("--model", help="checkpoint dir, Hub id, or 'tiny'")
     p.add_argument("--game", default=argparse.SUPPRESS, choices=list(games.ENVS),
-                   help="default (as for --options, --max_turns, --max_new_tokens and --thinking): the setting of the "
-                   "run that made --model, or else of the run --context comes from (with --split ood: its ood_game, "
-                   "default options), else OELConfig's")
+                   help="default (as for --options, --max_turns, --max_new_tokens, --thinking and --rollout_batch): the "
+                   "setting of the run that made --model, or else of the run --context comes from (with --split ood: "
+                   "its ood_game, default options), else OELConfig's")
     p.add_argument("--split", default="test", choices=games.SPLITS, help="level set (default: test)")
     p.add_argument("--n", type=int, default=argparse.SUPPRESS, help="number of games (default: as for --game, the "
                    "run's n_test for --split test and its n_ood for ood, OELConfig's outside a run; 128 for train, "
@@ -203,10 +203,12 @@ def main(argv=None):
                    help="true | false | none (instruct models); default: as for --game")
     p.add_argument("--max_turns", type=int, default=argparse.SUPPRESS, help="default: as for --game")
     p.add_argument("--max_new_tokens", type=int, default=argparse.SUPPRESS, help="default: as for --game")
+    p.add_argument("--rollout_batch", type=int, default=argparse.SUPPRESS, help="games played at once (each batch "
+                   "samples with its own seed: the run's batches replay its evaluation); default: as for --game")
     p.add_argument("--out", help="result JSON (default: eval_[<folder>_]<settings>.json beside a checkpoint folder, "
                    "<folder> left out for a run's model folder; eval_<model>_<settings>.json here for a Hub id or "
                    "tiny; <settings>: game[-<option><value>...]_<split>_n<n>_s<seed>_<chat>[_t<max_turns>]"
-                   "[_m<max_new_tokens>][_b<the run's rollout_batch>]_<mode>[_<context>], options and limits only "
+                   "[_m<max_new_tokens>][_b<rollout_batch>]_<mode>[_<context>], options and limits only "
                    "where not the defaults)")
     p.add_argument("--plot", metavar="RUN_DIR", help="only write RUN_DIR/metrics.png")
     a = p.parse_args(argv)
@@ -248,4 +250,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli(main)
+    cli(main, lower="--rollout_batch (games played at once)")

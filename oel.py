@@ -66,6 +66,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -470,40 +471,51 @@ def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, option
     """Roll out n games of a named set (minus levels whose first observation is in `exclude`), `batch` at a time,
     the contexts spread evenly over the games.
 
-    With `path`, the set is saved there as JSONL (and read back if present); each finished batch is also
-    saved to path.part{b} until the set is complete, so an interrupted run replays only the unfinished batch.
+    With `path`, the set is saved there as JSONL (and read back if present); each finished batch of games i..j-1 is
+    also saved to path.part{i}-{j} until the set is complete, so an interrupted run replays only the unfinished
+    batch, also with another `batch` (the later games are then played, and sampled, in batches of the new size).
     """
-    parts = [f"{path}.part{b}" for b in range(-(-n // batch))] if path else []
     if path and os.path.exists(path):
         print(f"{path} on disk, reused")
-        for p in parts:  # left by a run killed between saving the set and removing them
-            if os.path.exists(p):
-                os.remove(p)
+        for p in part_files(path).values():  # left by a run killed between saving the set and removing them
+            os.remove(p)
         return read_back(path, games.load_trajectories)
     envs = games.make_games(game, split, n, seed=seed, exclude=exclude, **(options or {}))
-    if on_disk := sum(os.path.exists(p) for p in parts):
-        print(f"{path}: {on_disk} of {len(parts)} batches of games on disk, reused")
+    saved = {i: (j, p) for (i, j), p in part_files(path).items() if j <= n} if path else {}
+    plan, i = [], 0  # (first game, last game + 1, its part file if on disk)
+    while i < n:
+        j, part = saved.get(i, (min(i + batch, n), None))
+        plan.append((i, j, part))
+        i = j
+    if on_disk := sum(part is not None for _, _, part in plan):
+        print(f"{path}: {on_disk} of {len(plan)} batches of games on disk, reused")
     what = f"{os.path.basename(path).split('.')[0] if path else split} {game}"  # e.g. deploy frozenlake
     trajs = []
-    for i in range(0, n, batch):
-        part = parts[i // batch] if path else None
-        if part and os.path.exists(part):
+    for b, (i, j, part) in enumerate(plan):
+        if part:
             trajs += read_back(part, games.load_trajectories)
             continue
-        done, desc = [], what + (f" {i // batch + 1}/{-(-n // batch)}" if n > batch else "")
-        for j, ctx in enumerate(contexts):
-            group = envs[i : i + batch][j :: len(contexts)]
+        done, desc = [], what + (f" {b + 1}/{len(plan)}" if len(plan) > 1 else "")
+        for k, ctx in enumerate(contexts):
+            group = envs[i:j][k :: len(contexts)]
             if group:
-                done += games.rollout(m, tok, group, rcfg, knowledge=ctx or None, seed=seed_of(split, seed, i, j),
+                done += games.rollout(m, tok, group, rcfg, knowledge=ctx or None, seed=seed_of(split, seed, i, k),
                                       desc=desc)
-        if part:
-            games.save_trajectories(part, done)
+        if path:
+            games.save_trajectories(f"{path}.part{i}-{j}", done)
         trajs += done
     if path:
         games.save_trajectories(path, trajs)
-        for p in parts:
+        for p in part_files(path).values():
             os.remove(p)
     return trajs
+
+
+def part_files(path):
+    """The finished batches of a game set on disk: {(first game, last game + 1): file}."""
+    folder, name = os.path.split(path)
+    found = (re.fullmatch(re.escape(name) + r"\.part(\d+)-(\d+)", f) for f in os.listdir(folder or "."))
+    return {(int(m[1]), int(m[2])): os.path.join(folder, m[0]) for m in found if m}
 
 
 def evaluate(m, tok, cfg, out_dir):
@@ -580,7 +592,7 @@ def evaluate_round(cfg, r, rdir, ckpt, device):
     return {"round": r, **{f"{s}_{k}": v for s, d in res.items() for k, v in d.items()}}
 
 
-RESUMABLE = ("out_dir", "rounds", "micro_batch", "save_every")  # may change when a run is resumed
+RESUMABLE = ("out_dir", "rounds", "micro_batch", "rollout_batch", "save_every")  # may change when a run is resumed
 
 
 def same_setting(key, a, b, game):

@@ -225,11 +225,13 @@ def check(cfg):
     check_checkpoints(cfg)
 
 
-def cli(main):
-    """Run main(), turning four more ends into one line each: a Ctrl-C outside stop_on_ctrl_c (the checks, a
+def cli(main, lower="--rollout_batch (games or samples generated at once) or --micro_batch (prompts per forward and "
+        "backward), and rerun the same command: the run resumes where it stopped"):
+    """Run main(), turning five more ends into one line each: a Ctrl-C outside stop_on_ctrl_c (the checks, a
     download, the tiny preset's build, the last writes; after the KeyboardInterrupt has cleaned up), NoLevel from a
-    level after the first (the checks build only the first), weights found to hold NaN when they are read, and
-    stdout's reader gone (`| head`; files are written whole or not at all, so a run resumes)."""
+    level after the first (the checks build only the first), weights found to hold NaN when they are read, the GPU
+    out of memory (saying to lower the settings `lower` names), and stdout's reader gone (`| head`; files are
+    written whole or not at all, so a run resumes)."""
     try:
         main()
     except KeyboardInterrupt:
@@ -242,6 +244,8 @@ def cli(main):
         sys.exit(f"error: {e}; the checks at the start built the first level with these settings, but not this one")
     except modeling.NonFinite as e:  # found when a checkpoint's weights are read, after the checks
         sys.exit(f"error: {e}")
+    except torch.cuda.OutOfMemoryError as e:
+        sys.exit(f"error: out of GPU memory: lower {lower} ({str(e).splitlines()[0]})")
 
 
 @contextlib.contextmanager

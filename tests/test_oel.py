@@ -2,6 +2,7 @@ import json
 import math
 import os
 import re
+import runpy
 import fcntl
 import shutil
 import signal
@@ -643,7 +644,7 @@ def test_resume_compares_settings_by_meaning(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"other settings \(topk\)"):
         oel.check_resume(oel.OELConfig(model="ck", out_dir="run", game_options='{"size": 4}', topk=256))
     same = dict(model="ck", out_dir="run", game_options='{"size": 4}')
-    oel.check_resume(oel.OELConfig(**same, rounds=5, micro_batch=1, save_every=3))  # the README's resumable flags
+    oel.check_resume(oel.OELConfig(**same, rounds=5, micro_batch=1, rollout_batch=7, save_every=3))  # may change
     for key, value in (("thinking", None), ("game", "sokoban"), ("seed", 1), ("context", "raw"), ("n_test", 7)):
         with pytest.raises(SystemExit, match=rf"other settings \({key}\)"):
             oel.check_resume(oel.OELConfig(**{**same, key: value}))
@@ -944,12 +945,12 @@ def test_eval_defaults_follow_the_run(tmp_path, capsys):
     assert evaluation.run_setting("thinking", str(tmp_path / "r0" / "deploy.jsonl")) is oel.OELConfig.thinking
     (tmp_path / "k.md").write_text(KNOWLEDGE)
     k = ["--mode", "knowledge", "--context", str(tmp_path / "k.md")]
-    limits = "need 1 <= --n <= 10000, --seed >= 0, --max_turns >= 1 and --max_new_tokens >= 1"
+    limits = "need 1 <= --n <= 10000, --seed >= 0, and --max_turns, --max_new_tokens and --rollout_batch >= 1"
     for bad, match in ((["--thinking", "maybe"], "expected true, false or none"), (["--mode", "raw"], "needs --context"),
                        (["--mode", "raw", "--context", str(tmp_path / "no.jsonl")], "needs --context"),
                        (["--n", "0"], limits), (["--n", "10001"], limits), (["--seed", "-1"], limits),
                        (["--max_turns", "0"], limits), (["--max_new_tokens", "0"], limits),
-                       (["--split", "dev"], "invalid choice: 'dev'"), (["--game", "chess"], "invalid choice: 'chess'"),
+                       (["--rollout_batch", "0"], limits), (["--split", "dev"], "invalid choice: 'dev'"), (["--game", "chess"], "invalid choice: 'chess'"),
                        (["--options", "{size"], "--options '{size' for frozenlake"),
                        (["--game", "sokoban", "--options", '{"size": 2}'], "for sokoban: Sokoban: need 5 <= size <= 64"),
                        ([*k, "--budget", "0"], "--budget must be >= 1"),
@@ -987,7 +988,8 @@ def test_eval_plays_the_runs_own_held_out_levels(tmp_path):
 
 def test_eval_replays_the_runs_own_evaluation(tmp_path):
     """eval.py on a run's checkpoint plays exactly the games the run's evaluation played, with a rollout_batch other
-    than the default too (each batch samples with its own seed), and names that batch size in its result."""
+    than the default too (each batch samples with its own seed), and names that batch size in its result; another
+    --rollout_batch plays the same levels, under its own name."""
     cfg = oel.OELConfig(model="tiny", out_dir=str(tmp_path / "run"), n_test=3, n_ood=0, rollout_batch=2, max_turns=2,
                         max_new_tokens=4, thinking=False)
     m, tok = modeling.load("tiny")
@@ -998,6 +1000,10 @@ def test_eval_replays_the_runs_own_evaluation(tmp_path):
     ours = tmp_path / "run" / "r0" / "eval_frozenlake_test_n3_s0_nothink_t2_m4_b2_none.jsonl"
     assert ours.read_text() == (tmp_path / "run" / "r0" / "eval_test.jsonl").read_text()
     assert json.loads(ours.with_suffix(".json").read_text())["rollout_batch"] == 2
+    evaluation.main(["--model", str(tmp_path / "run" / "r0" / "model"), "--rollout_batch", "3"])  # e.g. less memory
+    other = ours.with_name(ours.name.replace("_b2_", "_b3_"))
+    assert json.loads(other.with_suffix(".json").read_text())["rollout_batch"] == 3
+    assert [t.seed for t in games.load_trajectories(other)] == [t.seed for t in games.load_trajectories(ours)]
 
 
 def test_eval_checks_its_result_can_be_written_before_playing(tmp_path, monkeypatch, capsys):
@@ -1308,7 +1314,8 @@ def test_eval_warns_of_empty_contexts_checks_the_whole_prompt_and_plots_both_set
 def test_play_keeps_finished_batches(tiny, tmp_path, monkeypatch, capsys):
     """An interrupted rollout of a game set replays only its unfinished batch (saying so, and which batch it plays; a
     set of one batch is named without a number, after its split when it has no file), and gives the same
-    trajectories; a damaged batch file ends it with one line naming the file."""
+    trajectories; with another batch size it keeps the finished batches and plays the rest of the same levels in
+    batches of the new size; a damaged batch file ends it with one line naming the file."""
     m, tok = tiny
     rcfg = games.RolloutConfig(max_turns=2, max_new_tokens=6)
     path = str(tmp_path / "set.jsonl")
@@ -1316,8 +1323,8 @@ def test_play_keeps_finished_batches(tiny, tmp_path, monkeypatch, capsys):
     assert len(full) == 5 and not any(p.name.startswith("set.jsonl.part") for p in tmp_path.iterdir())
     assert "on disk" not in capsys.readouterr().out  # nothing to reuse yet
     os.remove(path)  # as if killed after the first two batches were saved
-    games.save_trajectories(path + ".part0", full[:2])
-    games.save_trajectories(path + ".part1", full[2:4])
+    games.save_trajectories(path + ".part0-2", full[:2])
+    games.save_trajectories(path + ".part2-4", full[2:4])
     calls = []
     real = games.rollout
     monkeypatch.setattr(games, "rollout", lambda m, tok, envs, *a, **k: calls.append((len(envs), k["desc"])) or
@@ -1326,17 +1333,26 @@ def test_play_keeps_finished_batches(tiny, tmp_path, monkeypatch, capsys):
     assert calls == [(1, "set sokoban 3/3")] and again == full == games.load_trajectories(path)
     assert f"{path}: 2 of 3 batches of games on disk, reused" in capsys.readouterr().out
     assert oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path) == full and len(calls) == 1
-    games.save_trajectories(path + ".part1", full[2:4])  # as if killed between saving the set and removing its parts
+    games.save_trajectories(path + ".part2-4", full[2:4])  # as if killed between saving the set and removing its parts
     assert oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path) == full and len(calls) == 1
     assert not any(p.name.startswith("set.jsonl.part") for p in tmp_path.iterdir())
+    os.remove(path)  # killed after the first batch, resumed with batches of 3 (e.g. after running out of GPU memory)
+    games.save_trajectories(path + ".part0-2", full[:2])
+    games.save_trajectories(path + ".part0-2x", full[2:4])  # not a batch file of this set
+    mixed = oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=3, path=path)
+    assert calls[1:] == [(3, "set sokoban 2/2")] and mixed[:2] == full[:2] and len(mixed) == 5
+    assert [t.seed for t in mixed] == [t.seed for t in full]  # the same levels
+    assert sorted(p.name for p in tmp_path.iterdir() if ".part" in p.name) == ["set.jsonl.part0-2x"]
+    os.remove(tmp_path / "set.jsonl.part0-2x")
+    calls.clear()
     even = oel.play(m, tok, "sokoban", "test", 4, 0, rcfg, batch=2, path=str(tmp_path / "even.jsonl"))  # n % batch == 0
     assert len(even) == 4 and not any(".part" in p.name for p in tmp_path.iterdir())
     oel.play(m, tok, "sokoban", "test", 2, 0, rcfg, batch=2)  # one batch, no file
     assert calls[-1] == (2, "test sokoban")
     cut = str(tmp_path / "cut.jsonl")
-    games.save_trajectories(cut + ".part0", full[:2])
-    os.truncate(cut + ".part0", 100)  # a copy cut short
-    with pytest.raises(SystemExit, match=f"^error: {re.escape(cut)}.part0 cannot be read back"):
+    games.save_trajectories(cut + ".part0-2", full[:2])
+    os.truncate(cut + ".part0-2", 100)  # a copy cut short
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(cut)}.part0-2 cannot be read back"):
         oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=cut)
 
 
@@ -1763,3 +1779,23 @@ def test_a_closed_output_pipe_stops_with_one_line(tmp_path):
     finally:
         os.close(write)
     assert proc.returncode == 1 and proc.stderr == "stopped: the program reading the output closed it\n"
+
+
+def test_out_of_gpu_memory_is_one_line_naming_what_to_lower(tmp_path, monkeypatch):
+    """Running out of GPU memory ends train.py and eval.py with one line: what to lower (a run then resumes with it
+    lowered), and torch's own first line."""
+    def fail(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore details")
+
+    with pytest.raises(SystemExit) as e:
+        train.cli(fail)
+    assert e.value.code == ("error: out of GPU memory: lower --rollout_batch (games or samples generated at once) or "
+                            "--micro_batch (prompts per forward and backward), and rerun the same command: the run "
+                            "resumes where it stopped (CUDA out of memory. Tried to allocate 2.00 GiB.)")
+    monkeypatch.setattr(oel, "play", fail)  # eval.py run as a script, out of memory while playing
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--model", "tiny", "--n", "1", "--max_new_tokens", "1"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, "eval.py"), run_name="__main__")
+    assert e.value.code == ("error: out of GPU memory: lower --rollout_batch (games played at once) (CUDA out of "
+                            "memory. Tried to allocate 2.00 GiB.)")
