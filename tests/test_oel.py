@@ -986,7 +986,7 @@ def test_eval_plays_the_runs_own_held_out_levels(tmp_path):
     assert [t.seed for t in trajs] == [e.seed for e in games.make_games("sokoban", "test", 2, seed=3)]
 
 
-def test_eval_replays_the_runs_own_evaluation(tmp_path):
+def test_eval_replays_the_runs_own_evaluation(tmp_path, monkeypatch):
     """eval.py on a run's checkpoint plays exactly the games the run's evaluation played, with a rollout_batch other
     than the default too (each batch samples with its own seed), and names that batch size in its result; another
     --rollout_batch plays the same levels, under its own name."""
@@ -1000,7 +1000,11 @@ def test_eval_replays_the_runs_own_evaluation(tmp_path):
     ours = tmp_path / "run" / "r0" / "eval_frozenlake_test_n3_s0_nothink_t2_m4_b2_none.jsonl"
     assert ours.read_text() == (tmp_path / "run" / "r0" / "eval_test.jsonl").read_text()
     assert json.loads(ours.with_suffix(".json").read_text())["rollout_batch"] == 2
+    batches, real = [], games.rollout
+    monkeypatch.setattr(games, "rollout", lambda m, tok, envs, *a, **k: batches.append(len(envs)) or
+                        real(m, tok, envs, *a, **k))
     evaluation.main(["--model", str(tmp_path / "run" / "r0" / "model"), "--rollout_batch", "3"])  # e.g. less memory
+    assert batches == [3]
     other = ours.with_name(ours.name.replace("_b2_", "_b3_"))
     assert json.loads(other.with_suffix(".json").read_text())["rollout_batch"] == 3
     assert [t.seed for t in games.load_trajectories(other)] == [t.seed for t in games.load_trajectories(ours)]
