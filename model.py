@@ -171,18 +171,16 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.H, self.K, self.D = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         C, HD, KD = cfg.hidden_size, self.H * self.D, self.K * self.D
-        self.q_proj = nn.Linear(C, HD, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(C, KD, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(C, KD, bias=cfg.attention_bias)
+        self.qkv_proj = nn.Linear(C, HD + 2 * KD, bias=cfg.attention_bias)  # the Hub's q/k/v_proj stacked: one matmul
         self.o_proj = nn.Linear(HD, C, bias=cfg.attention_bias and cfg.model_type != "qwen2")
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(self.D, cfg.rms_norm_eps), RMSNorm(self.D, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, cache=None, cols=None, mask=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.H, self.D)  # [B,T,H,D]
-        k = self.k_proj(x).view(B, T, self.K, self.D)  # [B,T,K,D]
-        v = self.v_proj(x).view(B, T, self.K, self.D)
+        q, k, v = self.qkv_proj(x).split([self.H * self.D, self.K * self.D, self.K * self.D], -1)
+        q = q.view(B, T, self.H, self.D)  # [B,T,H,D]
+        k, v = k.view(B, T, self.K, self.D), v.view(B, T, self.K, self.D)  # [B,T,K,D]
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,H,T,D], [B,K,T,D]
@@ -207,12 +205,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # gate_proj, up_proj
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, -1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -229,7 +227,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Parameter names match the Hub's *ForCausalLM, so checkpoints load with a strict load_state_dict."""
+    """Parameter names are the Hub's *ForCausalLM's, but for the stacked projections (hub_parts)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -294,6 +292,35 @@ def weight_files(path: Path) -> list[Path]:
     return [path / f for f in files]
 
 
+def hub_parts(key: str, cfg: ModelConfig) -> list[tuple[str, int]]:
+    """The Hub tensors that our tensor `key` stacks along its rows, with their row counts (q/k/v_proj in qkv_proj,
+    gate/up_proj in gate_up_proj: one matmul instead of three and two); [(key, 0)] for any other tensor."""
+    HD, KD, I = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size
+    for parent, ours, parts in (("self_attn", "qkv_proj", (("q_proj", HD), ("k_proj", KD), ("v_proj", KD))),
+                                ("mlp", "gate_up_proj", (("gate_proj", I), ("up_proj", I)))):
+        if f".{parent}.{ours}." in key:
+            head, tail = key.split(f".{parent}.{ours}.")
+            return [(f"{head}.{parent}.{name}.{tail}", rows) for name, rows in parts]
+    return [(key, 0)]
+
+
+def hub_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    """Name and shape of every tensor a Hub checkpoint of this config holds (but the unused ones)."""
+    with torch.device("meta"):
+        ours = Transformer(cfg).state_dict()
+    return {name: (rows or v.shape[0], *v.shape[1:]) for k, v in ours.items() for name, rows in hub_parts(k, cfg)}
+
+
+def hub_state_dict(model: "Transformer") -> dict[str, torch.Tensor]:
+    """The model's tensors under the Hub's names (the stacked projections split back): what save() writes."""
+    out = {}
+    for k, v in model.state_dict().items():
+        parts = hub_parts(k, model.config)
+        for (name, _), part in zip(parts, v.split([rows or len(v) for _, rows in parts])):
+            out[name] = part
+    return out
+
+
 def unused(key: str, cfg: ModelConfig) -> bool:
     """Tensors some checkpoints carry that we do not load: rotary tables (recomputed), a tied lm_head."""
     return key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and cfg.tie_word_embeddings)
@@ -325,8 +352,7 @@ def check_checkpoint(path_or_name) -> tuple[Path, ModelConfig]:
     if missing := [t for t in (IM_START, IM_END) if tok.token_to_id(t) is None]:
         raise ValueError(f"{path / 'tokenizer.json'} has no {' or '.join(missing)} token: Tokenizer.chat writes Qwen's "
                          "chat format (ChatML, as Qwen2/2.5/3 and SmolLM2 use), which this model was not trained on")
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    expected = hub_shapes(cfg)
     found = set()
     for f in weight_files(path):
         with safe_open(f, "pt") as sf:  # reads the header only (and checks the file is as long as it says)
@@ -365,7 +391,11 @@ def load(path_or_name, device="cpu", dtype=torch.float32):
                 if not torch.isfinite(v).all():  # e.g. a diverged fine-tune: say so, not "the loss diverged" later
                     raise NonFinite(f"{f}: tensor {k} holds NaN or infinite values")
                 sd[k] = v.to(dtype)
-    model.load_state_dict(sd, strict=True, assign=True)
+    def stacked(k):  # our tensor k from the Hub's
+        parts = hub_parts(k, cfg)
+        return sd.pop(k) if len(parts) == 1 else torch.cat([sd.pop(name) for name, _ in parts])
+
+    model.load_state_dict({k: stacked(k) for k in model.state_dict()}, strict=True, assign=True)
     return model.eval(), Tokenizer(path)
 
 
@@ -376,7 +406,7 @@ def save(model: Transformer, tokenizer: "Tokenizer", path):
     dtype = str(model.output_weight.dtype).removeprefix("torch.")
     cfg = {**model.config.to_hf(), "torch_dtype": dtype, "dtype": dtype, "eos_token_id": tokenizer.stop_ids[0]}
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().to("cpu", copy=True) for k, v in hub_state_dict(model).items()}  # no shared storage
     save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
     os.chmod(path / "model.safetensors", (path / "config.json").stat().st_mode)  # safetensors writes it private (0600)
     tokenizer.save(path)

@@ -5,7 +5,6 @@ model of Qwen3-1.7B's exact shape in bf16: greedy, fixed-length prompts, no earl
     python bench/generate.py                    # GPU: prompt 512, 256 new tokens, batch 1/16/64
     python bench/generate.py --tiny             # CPU smoke run at a tiny shape
     python bench/generate.py --profile          # the kernels of one batch-1 decode step
-    python bench/generate.py --no-hf --fuse     # experiment: also time concatenated q/k/v and gate/up weights
     python bench/generate.py --no-hf --cdt      # experiment: also time the step compiled with coordinate descent tuning
 
 prefill = time of a 1-token generate call; decode tok/s = B * (N - 1) / (time(N tokens) - prefill).
@@ -80,36 +79,6 @@ def profile_step(model, dtype, device, step_fn, S=768, reps=10):
     print(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=12))
 
 
-class Shared(torch.nn.Module):
-    """Experiment (--fuse): one matmul with concatenated weights in place of several projections of the same input.
-    The first projection computes all the outputs and hands the others theirs; model.py keeps separate ones."""
-
-    def __init__(self, linears):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.cat([m.weight for m in linears]), requires_grad=False)
-        self.sizes, self.outs = [m.out_features for m in linears], []
-
-    def part(self, i):
-        def forward(x):
-            if i == 0:
-                self.outs = torch.nn.functional.linear(x, self.weight).split(self.sizes, -1)
-            return self.outs[i]
-        return forward
-
-
-def fuse_projections(model):
-    """A copy of model whose q/k/v and gate/up projections each run as one matmul (bias-free models only)."""
-    import copy
-    model = copy.deepcopy(model)
-    for block in model.model.layers:
-        for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj")), (block.mlp, ("gate_proj", "up_proj"))):
-            shared = Shared([getattr(parent, n) for n in names])
-            parent.shared = shared
-            for i, n in enumerate(names):
-                getattr(parent, n).forward = shared.part(i)
-    return model
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shape, short prompt, float32")
@@ -118,7 +87,6 @@ def main():
     p.add_argument("--new", type=int, default=256, help="new tokens per row")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     p.add_argument("--profile", action="store_true", help="only profile one batch-1 decode step")
-    p.add_argument("--fuse", action="store_true", help="also time ours with concatenated q/k/v and gate/up weights")
     p.add_argument("--cdt", action="store_true", help="also time (or --profile) ours compiled with inductor's "
                    "coordinate descent tuning, which turns batch-1 matmuls into tuned Triton reductions")
     args = p.parse_args()
@@ -147,23 +115,17 @@ def main():
         return "equal" if same else "DIFFER (bf16 rounding?)"
 
     systems = {"ours": ours_run}
-    if not (args.fuse or args.cdt):  # the experiments leave out the uncompiled step, to fit one GPU call
+    if not args.cdt:
         systems["ours eager"] = lambda idx, n: ours_run(idx, n, M.decode_logits)
-    if args.cdt:  # the experiments in the order they matter, so a call that runs out of time keeps the first
+    else:  # the experiment leaves out the uncompiled step, to fit one GPU call
         print(f"coordinate descent tuning: greedy tokens {same_tokens(ours, ours, cdt)}")
         systems["ours cdt"] = lambda idx, n: ours_run(idx, n, cdt)
-    if args.fuse:
-        fused = fuse_projections(ours)
-        print(f"fused projections: greedy tokens {same_tokens(fused, ours)}")
-        if args.cdt:
-            systems["fused+cdt"] = lambda idx, n: ours_run(idx, n, cdt, fused)
-        systems["ours fused"] = lambda idx, n: ours_run(idx, n, model=fused)
     if not args.no_hf:
         import transformers
         hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
         with torch.device(device):
             hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
-        hf.load_state_dict(ours.state_dict(), strict=False)  # same parameter names; lm_head is tied
+        hf.load_state_dict(M.hub_state_dict(ours), strict=False)  # lm_head is tied
         hf.generation_config.pad_token_id = 0
         for name, extra in (("hf dynamic", {}), ("hf static", {"cache_implementation": "static"})):
             systems[name] = lambda idx, n, extra=extra: hf.generate(

@@ -17,7 +17,7 @@ for step in ${@:-cuda generate kl}; do
     case $step in
         cuda) timeout 120 python3 -m pytest -q tests/test_model.py -k cuda ;;
         tests) timeout 540 python3 -m pytest -q -x tests/test_model.py tests/test_kernels.py tests/test_oel.py ;;
-        generate) timeout 450 python3 bench/generate.py --no-hf --fuse --cdt ;;
+        generate) timeout 450 python3 bench/generate.py --no-hf --cdt ;;
         hf) timeout 420 python3 bench/generate.py --new 64 ;;
         kl) timeout 180 python3 bench/kl.py ;;
         kfused) timeout 150 python3 bench/kl_fused.py ;;
