@@ -4,6 +4,8 @@
 #        (default: cuda generate kl)
 # Liger-Kernel for bench/kl.py travels as a wheel in .whl/ (git-ignored; carry it): fetch it on a networked machine
 # with `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel`.
+# The model.py before the stacked projections, for `generate` to time beside today's: carry .ab after
+# `mkdir -p .ab && git show 8594654:model.py > .ab/model_prev.py` (git-ignored).
 # The lent GPU's image has torch 2.11 and triton 3.6 but not textworld, so `tests` leaves the games tests out.
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"
@@ -17,7 +19,7 @@ for step in ${@:-cuda generate kl}; do
     case $step in
         cuda) timeout 120 python3 -m pytest -q tests/test_model.py -k cuda ;;
         tests) timeout 540 python3 -m pytest -q -x tests/test_model.py tests/test_kernels.py tests/test_oel.py ;;
-        generate) timeout 450 python3 bench/generate.py --no-hf --cdt ;;
+        generate) timeout 450 python3 bench/generate.py --no-hf --cdt $(ls .ab/model_prev.py 2>/dev/null | sed 's/^/--prev /') ;;
         hf) timeout 420 python3 bench/generate.py --new 64 ;;
         kl) timeout 180 python3 bench/kl.py ;;
         kfused) timeout 150 python3 bench/kl_fused.py ;;
