@@ -204,7 +204,8 @@ def main(argv=None):
     p.add_argument("--max_turns", type=int, default=argparse.SUPPRESS, help="default: as for --game")
     p.add_argument("--max_new_tokens", type=int, default=argparse.SUPPRESS, help="default: as for --game")
     p.add_argument("--rollout_batch", type=int, default=argparse.SUPPRESS, help="games played at once (each batch "
-                   "samples with its own seed: the run's batches replay its evaluation); default: as for --game")
+                   "samples with its own seed: with the run's, a run's checkpoint replays the run's evaluation, unless "
+                   "it was resumed with another --rollout_batch); default: as for --game")
     p.add_argument("--out", help="result JSON (default: eval_[<folder>_]<settings>.json beside a checkpoint folder, "
                    "<folder> left out for a run's model folder; eval_<model>_<settings>.json here for a Hub id or "
                    "tiny; <settings>: game[-<option><value>...]_<split>_n<n>_s<seed>_<chat>[_t<max_turns>]"

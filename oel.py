@@ -419,12 +419,14 @@ def consolidate(student, teacher, tok, prompts, pool, cfg, state_path=None, r=0)
     if state_path and os.path.exists(state_path):
         try:
             state = torch.load(state_path, map_location="cpu")  # copied into place: no second copy on the GPU
-        except Exception as e:  # cut short or overwritten (torch raises several kinds)
+            student.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            start, logs = state["step"], state["logs"]
+        except torch.cuda.OutOfMemoryError:  # not the file's fault
+            raise
+        except Exception as e:  # cut short, overwritten, or saved by another version of this code (several kinds)
             raise SystemExit(f"error: {state_path} cannot be read back ({type(e).__name__}); delete it to restart "
                              f"round {r}'s consolidation from its first step") from None
-        student.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start, logs = state["step"], state["logs"]
         print(f"round {r} | resuming consolidation at step {start}/{cfg.steps}")
     student.gradient_checkpointing = cfg.grad_ckpt and student.output_weight.is_cuda
     student.train()
@@ -481,7 +483,7 @@ def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, option
             os.remove(p)
         return read_back(path, games.load_trajectories)
     envs = games.make_games(game, split, n, seed=seed, exclude=exclude, **(options or {}))
-    saved = {i: (j, p) for (i, j), p in part_files(path).items()} if path else {}
+    saved = {i: (j, p) for (i, j), p in part_files(path).items() if i < j <= n} if path else {}  # (no others are ours)
     plan, i = [], 0  # (first game, last game + 1, its part file if on disk)
     while i < n:
         j, part = saved.get(i, (min(i + batch, n), None))

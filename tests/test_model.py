@@ -86,15 +86,17 @@ def test_load_matches_transformers(name, tmp_path, tiny):
     assert diff < 1e-5, diff
 
 
-@pytest.mark.parametrize("name", ["qwen3-tied", "llama3-untied", "qwen2-tied"])
+@pytest.mark.parametrize("name", ["qwen3-tied", "llama3-untied", "qwen2-tied", "llama-bias"])
 def test_save_loads_in_transformers(name, tmp_path, tiny):
-    """save() writes a Hub checkpoint that transformers loads to the same logits (tied: no lm_head.weight)."""
+    """save() writes a Hub checkpoint that transformers loads to the same logits (tied: no lm_head.weight), the
+    stacked projections and their biases split back to the Hub's tensors."""
     ref = hf_model(name)
     ref.save_pretrained(tmp_path / "hf")
     tiny[1].save(tmp_path / "hf")
     ours, tok = M.load(tmp_path / "hf")
     M.save(ours, tok, tmp_path / "ours")
-    assert ("lm_head.weight" in load_file(tmp_path / "ours" / "model.safetensors")) == (name == "llama3-untied")
+    names = [load_file(tmp_path / d / "model.safetensors").keys() for d in ("ours", "hf")]
+    assert names[0] == names[1] and ("lm_head.weight" in names[0]) == ("untied" in name or "bias" in name)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
     idx = torch.randint(0, 1024, (2, 13))
     with torch.no_grad():

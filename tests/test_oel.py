@@ -1052,6 +1052,14 @@ def test_a_damaged_run_file_ends_a_resumed_run_with_one_line_naming_it(tmp_path)
         if name == "config.json":
             with pytest.raises(SystemExit, match=f"^error: {re.escape(str(named))} cannot be read back"):
                 evaluation.main(["--model", str(case / "r0" / "model")])
+    case = tmp_path / "case-other-version"  # a state file of the code before the stacked projections (the Hub's names)
+    shutil.copytree(run, case)
+    shutil.rmtree(case / "r0" / "model")
+    state = {"model": modeling.hub_state_dict(modeling.load("tiny")[0]), "opt": {}, "step": 1, "logs": []}
+    torch.save(state, case / "r0" / "consolidate.pt")
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(case))}/r0/consolidate.pt cannot be read back "
+                       r"\(RuntimeError\); delete it to restart round 0's consolidation from its first step$"):
+        oel.run(oel.OELConfig(out_dir=str(case), **cfg))
     with pytest.raises(SystemExit, match=f"^error: {re.escape(str(run / 'r0' / 'model'))} is a model checkpoint, not"):
         oel.run(oel.OELConfig(out_dir=str(run / "r0" / "model"), **cfg))  # and nothing is written in it
     assert not (run / "r0" / "model" / ".lock").exists()
@@ -1348,6 +1356,16 @@ def test_play_keeps_finished_batches(tiny, tmp_path, monkeypatch, capsys):
     assert [t.seed for t in mixed] == [t.seed for t in full]  # the same levels
     assert sorted(p.name for p in tmp_path.iterdir() if ".part" in p.name) == ["set.jsonl.part0-2x"]
     os.remove(tmp_path / "set.jsonl.part0-2x")
+    os.remove(path)  # batch files that no run of this set writes (no games; beyond the set) are not read
+    games.save_trajectories(path + ".part0-2", full[:2])
+    games.save_trajectories(path + ".part2-2", [])
+    games.save_trajectories(path + ".part4-9", full)
+    signal.alarm(60)  # the old loop never ended on part2-2
+    calls.clear()
+    assert oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path) == full
+    signal.alarm(0)
+    assert calls == [(2, "set sokoban 2/3"), (1, "set sokoban 3/3")]
+    assert not any(".part" in p.name for p in tmp_path.iterdir())
     calls.clear()
     even = oel.play(m, tok, "sokoban", "test", 4, 0, rcfg, batch=2, path=str(tmp_path / "even.jsonl"))  # n % batch == 0
     assert len(even) == 4 and not any(".part" in p.name for p in tmp_path.iterdir())
@@ -1787,7 +1805,8 @@ def test_a_closed_output_pipe_stops_with_one_line(tmp_path):
 
 def test_out_of_gpu_memory_is_one_line_naming_what_to_lower(tmp_path, monkeypatch):
     """Running out of GPU memory ends train.py and eval.py with one line: what to lower (a run then resumes with it
-    lowered), and torch's own first line."""
+    lowered), and torch's own first line; a consolidation state that runs out of memory as it loads is not called
+    damaged."""
     def fail(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore details")
 
@@ -1803,3 +1822,8 @@ def test_out_of_gpu_memory_is_one_line_naming_what_to_lower(tmp_path, monkeypatc
         runpy.run_path(os.path.join(ROOT, "eval.py"), run_name="__main__")
     assert e.value.code == ("error: out of GPU memory: lower --rollout_batch (games played at once) (CUDA out of "
                             "memory. Tried to allocate 2.00 GiB.)")
+    monkeypatch.setattr(torch, "load", fail)  # out of memory while a consolidation resumes: not the state file's fault
+    (tmp_path / "state.pt").write_bytes(b"")
+    student, tok = modeling.load("tiny")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        oel.consolidate(student, student, tok, [], [""], oel.OELConfig(), str(tmp_path / "state.pt"))
