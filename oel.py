@@ -483,7 +483,7 @@ def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, option
             os.remove(p)
         return read_back(path, games.load_trajectories)
     envs = games.make_games(game, split, n, seed=seed, exclude=exclude, **(options or {}))
-    saved = {i: (j, p) for (i, j), p in part_files(path).items() if i < j <= n} if path else {}  # (no others are ours)
+    saved = {i: (j, p) for (i, j), p in part_files(path).items() if i < j <= n} if path else {}  # others: no batch
     plan, i = [], 0  # (first game, last game + 1, its part file if on disk)
     while i < n:
         j, part = saved.get(i, (min(i + batch, n), None))
