@@ -63,6 +63,7 @@ def test_parse_items_keeps_marked_lines_after_thinking():
             "  - EXPERIENCE ITEM:   first lesson\nnoise\n- EXPERIENCE ITEM:\n- EXPERIENCE ITEM: second\n- EXPERIENCE ITEM: third")
     assert oel.parse_items(text) == ["- EXPERIENCE ITEM: first lesson", "- EXPERIENCE ITEM: second"]
     assert oel.parse_items("-   EXPERIENCE ITEM: x\nEXPERIENCE ITEM: y") == []  # the marker is a fixed string
+    assert oel.parse_items("1. - EXPERIENCE ITEM: x\nNote - EXPERIENCE ITEM: y") == []  # ... that starts the line
     assert oel.parse_items("<think>\n- EXPERIENCE ITEM: unfinished thought") == []
     repeated = "- EXPERIENCE ITEM: same\n- EXPERIENCE ITEM:  same \n- EXPERIENCE ITEM: other"
     assert oel.parse_items(repeated) == ["- EXPERIENCE ITEM: same", "- EXPERIENCE ITEM: other"]  # a repeat is dropped
@@ -1491,18 +1492,23 @@ def test_rounds_chain_their_checkpoints(tmp_path, monkeypatch, capsys):
 def test_train_round_plays_fresh_held_out_games_from_its_checkpoint(tmp_path, monkeypatch, capsys):
     """A round loads every model it uses from its own checkpoint (the extractor from --extractor), deploys on the
     round's own seeds with the test levels held out (logged as evaluation logs its metrics), and consolidates the
-    student loaded from that checkpoint."""
+    student loaded from that checkpoint. The extractor writes with its own tokenizer."""
     modeling.save(*modeling.load("tiny"), tmp_path / "ck")
-    modeling.save(*modeling.load("tiny"), tmp_path / "ex")
-    plays, real_play = [], oel.play
+    modeling.make_tiny(tmp_path / "ex", seed=1)  # another BPE: the student's tokenizer would encode differently
+    text = "Experience 7: avoid the holes."
+    assert modeling.Tokenizer(tmp_path / "ex").encode(text) != modeling.Tokenizer(tmp_path / "ck").encode(text)
+    plays, real_play, extract_toks, real_extract = [], oel.play, [], oel.extract_pool
     loaded = record_loads(monkeypatch)
     monkeypatch.setattr(oel, "play", lambda *a, **kw: plays.append((a[5], kw["exclude"])) or real_play(*a, **kw))
+    monkeypatch.setattr(oel, "extract_pool", lambda m, tok, *a: extract_toks.append(tok.encode(text)) or
+                        real_extract(m, tok, *a))
     cfg = oel.OELConfig(model="tiny", game="sokoban", n_train=2, n_test=8, K=1, n=1, steps=1, batch_size=1,
                         micro_batch=1, max_new_tokens=3, extract_max_new_tokens=3, max_turns=1, seed=2,
                         extractor=str(tmp_path / "ex"))
     (tmp_path / "r1").mkdir()
     oel.train_round(cfg, 1, str(tmp_path / "r1"), str(tmp_path / "ck"), "cpu")
     assert loaded == [str(tmp_path / "ck"), str(tmp_path / "ex"), str(tmp_path / "ck")]
+    assert extract_toks == [modeling.Tokenizer(tmp_path / "ex").encode(text)]
     assert plays == [(2 * 1000 + 1, oel.held_out_boards(cfg))] and len(plays[0][1]) > 4
     # one turn wins no level of 2 or more moves; the tiny model's replies run to max_new_tokens
     assert "round 1 | deploy | pass 0.000 | tokens/turn 3.0" in capsys.readouterr().out.splitlines()
