@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import warnings
@@ -407,7 +408,12 @@ def save(model: Transformer, tokenizer: "Tokenizer", path):
     cfg = {**model.config.to_hf(), "torch_dtype": dtype, "dtype": dtype, "eos_token_id": tokenizer.stop_ids[0]}
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     sd = {k: v.detach().to("cpu", copy=True) for k, v in hub_state_dict(model).items()}  # no shared storage
-    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    try:
+        save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    except SafetensorError as e:  # an I/O error (a full disk) as the OSError it is
+        if not (code := re.search(r"os error (\d+)", str(e))):
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path / "model.safetensors")) from None
     os.chmod(path / "model.safetensors", (path / "config.json").stat().st_mode)  # safetensors writes it private (0600)
     tokenizer.save(path)
     gen = {"eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_id}

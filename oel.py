@@ -452,8 +452,8 @@ def consolidate(student, teacher, tok, prompts, pool, cfg, state_path=None, r=0)
         tqdm.write(f"round {r} | step {step + 1:03d}/{cfg.steps} | kl {shown:.4f} | grad {norm:.3f} "
                    f"| tok {n_total / len(batch):.0f}/resp | {logs[-1]['ms']:.0f} ms")
         if state_path and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            torch.save({"model": student.state_dict(), "opt": opt.state_dict(), "step": step + 1, "logs": logs},
-                       f"{state_path}.tmp")
+            with open(f"{state_path}.tmp", "wb") as f:  # a Python file: a full disk raises OSError (a path: RuntimeError)
+                torch.save({"model": student.state_dict(), "opt": opt.state_dict(), "step": step + 1, "logs": logs}, f)
             os.replace(f"{state_path}.tmp", state_path)
     student.eval()
     return logs

@@ -15,6 +15,7 @@ resumes an interrupted run at its first unfinished stage.
 import argparse
 import contextlib
 import dataclasses
+import errno
 import inspect
 import json
 import math
@@ -227,11 +228,11 @@ def check(cfg):
 
 def cli(main, lower="--rollout_batch (games or samples generated at once) or --micro_batch (prompts per forward and "
         "backward), and rerun the same command: the run resumes where it stopped"):
-    """Run main(), turning five more ends into one line each: a Ctrl-C outside stop_on_ctrl_c (the checks, a
+    """Run main(), turning six more ends into one line each: a Ctrl-C outside stop_on_ctrl_c (the checks, a
     download, the tiny preset's build, the last writes; after the KeyboardInterrupt has cleaned up), NoLevel from a
     level after the first (the checks build only the first), weights found to hold NaN when they are read, the GPU
-    out of memory (saying to lower the settings `lower` names), and stdout's reader gone (`| head`; files are
-    written whole or not at all, so a run resumes)."""
+    out of memory (saying to lower the settings `lower` names), a full disk, and stdout's reader gone (`| head`;
+    files are written whole or not at all, so a run resumes)."""
     try:
         main()
     except KeyboardInterrupt:
@@ -246,6 +247,13 @@ def cli(main, lower="--rollout_batch (games or samples generated at once) or --m
         sys.exit(f"error: {e}")
     except torch.cuda.OutOfMemoryError as e:
         sys.exit(f"error: out of GPU memory: lower {lower} ({str(e).splitlines()[0]})")
+    except (OSError, RuntimeError) as e:  # torch.save to a Python file raises a RuntimeError after the OSError
+        full = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(full, OSError) or full.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {full.filename}" if full.filename else ""
+        sys.exit(f"error: the disk is full{where} ({full.strerror}): free some space and rerun the same command; what "
+                 "was finished is kept")
 
 
 @contextlib.contextmanager

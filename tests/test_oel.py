@@ -1,3 +1,5 @@
+import errno
+import io
 import json
 import math
 import os
@@ -1807,6 +1809,42 @@ def test_a_closed_output_pipe_stops_with_one_line(tmp_path):
     finally:
         os.close(write)
     assert proc.returncode == 1 and proc.stderr == "stopped: the program reading the output closed it\n"
+
+
+def test_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    """A full disk ends a run with one line naming the file, whichever writer met it: Python's, torch.save's of the
+    consolidation state (through a Python file, which raises OSError where a path raises a RuntimeError) or
+    safetensors' (its error turned into the OSError it reports); other OS errors are not called a full disk."""
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "runs/x/deploy.jsonl.tmp")
+    with pytest.raises(SystemExit) as e:
+        train.cli(lambda: (_ for _ in ()).throw(full))
+    assert e.value.code == ("error: the disk is full writing runs/x/deploy.jsonl.tmp (No space left on device): free "
+                            "some space and rerun the same command; what was finished is kept")
+    with pytest.raises(IsADirectoryError):  # not a full disk: the traceback stays
+        train.cli(lambda: open(tmp_path, "w"))
+
+    class Full(io.BytesIO):
+        def write(self, b):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_open = open
+    monkeypatch.setattr(oel, "open", lambda f, mode="r", **kw: Full() if mode == "wb" else real_open(f, mode, **kw),
+                        raising=False)
+    student, tok = modeling.load("tiny")
+    cfg = oel.OELConfig(max_new_tokens=2, batch_size=1, micro_batch=1, steps=1, grad_ckpt=False)
+    with pytest.raises((OSError, RuntimeError)) as e:
+        oel.consolidate(student, oel.frozen_copy(student, torch.float32), tok, states("frozenlake", "train", 1, 0),
+                        [KNOWLEDGE], cfg, str(tmp_path / "state.pt"))
+    with pytest.raises(SystemExit, match="^error: the disk is full [(]No space left on device[)]: free"):
+        train.cli(lambda: (_ for _ in ()).throw(e.value))
+
+    def serializing(*a, **kw):
+        raise modeling.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(modeling, "save_file", serializing)
+    with pytest.raises(OSError) as e:
+        modeling.save(student, tok, tmp_path / "ck")
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / "ck" / "model.safetensors"))
 
 
 def test_out_of_gpu_memory_is_one_line_naming_what_to_lower(tmp_path, monkeypatch):
