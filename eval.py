@@ -175,7 +175,10 @@ def plot(run_dir):
     b.set(xlabel="after round", ylabel="response tokens per turn", xticks=x, xticklabels=names)
     fig.tight_layout()
     out = os.path.join(run_dir, "metrics.png")
-    fig.savefig(out, dpi=120)
+    try:
+        fig.savefig(out, dpi=120)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {out} ({e.strerror})") from None
     return out
 
 

@@ -1287,7 +1287,7 @@ def test_prompt_length_checks_measure_the_games_observations(tiny, tmp_path, cap
 def test_eval_warns_of_empty_contexts_checks_the_whole_prompt_and_plots_both_sets(tiny, tmp_path, monkeypatch, capsys):
     """A pool text that the budget empties is warned of; the prompt-length check counts every turn's observation;
     a context-free evaluation does not count a budget, and may fill the context exactly; the plot draws the test and
-    OOD pass rates per round."""
+    OOD pass rates per round, and one it cannot write ends with one line."""
     (tmp_path / "pool.json").write_text(json.dumps(["- EXPERIENCE ITEM: short", "- EXPERIENCE ITEM:" + " long" * 200]))
     texts = evaluation.contexts("knowledge", str(tmp_path / "pool.json"), tiny[1], 30)
     assert texts[0] and not texts[1] and "warning: 1 of the 2 contexts" in capsys.readouterr().out
@@ -1315,6 +1315,9 @@ def test_eval_warns_of_empty_contexts_checks_the_whole_prompt_and_plots_both_set
     (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(
         {"round": r, "test_pass_rate": p, "test_tokens_per_turn": 5.0, "ood_pass_rate": p / 2}) + "\n"
         for r, p in ((-1, 0.2), (0, 0.4))))
+    (tmp_path / "run" / "metrics.png").mkdir()  # the plot cannot be written: one line
+    with pytest.raises(SystemExit, match=r"^error: cannot write .*metrics.png \(Is a directory\)$"):
+        evaluation.plot(str(tmp_path / "run"))
     import matplotlib.figure
     figs = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **kw: figs.append(self))
