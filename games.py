@@ -143,13 +143,15 @@ class FrozenLake(Board):
         self.seed = self.seed if seed is None else seed
         rng, n = random.Random(self.seed), self.size
         inner = [(r, c) for r in range(n) for c in range(n) if (r, c) not in ((0, 0), (n - 1, n - 1))]
-        for _ in range(100_000):
+        tries = min(100_000, 2_500_000 // n**2)  # a try costs ~n^2: a few seconds at most, whatever the size
+        for _ in range(tries):
             holes = set(rng.sample(inner, self.holes))
             cell = lambda p: "P" if p == (0, 0) else "G" if p == (n - 1, n - 1) else "H" if p in holes else "."
             obs = self.load("\n".join("".join(cell((r, c)) for c in range(n)) for r in range(n)))
             if self.optimal is not None:
                 return obs
-        raise NoLevel(f"FrozenLake: no solvable {n}x{n} board with {self.holes} holes found; use fewer holes")
+        raise NoLevel(f"FrozenLake: no solvable {n}x{n} board with {self.holes} holes in {tries:,} random boards; "
+                      "use fewer holes")
 
     def setup(self, cells: dict):
         self.cells, self.hole_cells = set(cells), {p for p, x in cells.items() if x == "H"}

@@ -124,6 +124,15 @@ def test_sokoban_search_stops_at_max_moves():
     assert time.time() - t < 60  # it searched each room up to 200,000 states: hours
 
 
+def test_frozenlake_search_is_bounded():
+    """A hole count that leaves hardly any solvable board fails with advice after a bounded number of random boards
+    (fewer on a bigger board, each costing more), instead of drawing 100,000 of them: minutes of silence at 64x64."""
+    t = time.time()
+    with pytest.raises(games.NoLevel, match=r"no solvable 16x16 board with 225 holes in 9,765 random boards; use fewer"):
+        FrozenLake(size=16, holes=225, seed=0).reset()
+    assert time.time() - t < 60  # about 4 s; 100,000 boards took 40 s
+
+
 def test_seeds_reproducible_and_disjoint():
     """Same seed, same level; different seeds, different levels; train, test and ood never share a level seed."""
     boards = lambda envs: [(e.reset(), e.board())[1] for e in envs]
