@@ -362,7 +362,9 @@ def distill_loss(student, teacher, tok, batch, cfg):
 
 
 def topk_kl(s_logits, t_logits, temperature, k):
-    """The paper's approximation: reverse KL summed over the student's top-k tokens only. [N,V] -> scalar mean."""
+    """The paper's approximation: reverse KL summed over the student's top-k tokens only, not renormalised (its code's
+    default). [N,V] -> scalar mean. Unlike the exact KL, its gradient is not 0 where student = teacher: it also moves
+    probability into the top k."""
     s = torch.log_softmax(s_logits.float() / temperature, -1)
     t = torch.log_softmax(t_logits.float() / temperature, -1)
     s_top, idx = s.topk(k, dim=-1)  # [N,k]

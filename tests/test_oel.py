@@ -1647,13 +1647,18 @@ def test_consolidation_prompts_use_the_runs_chat_mode(tiny, monkeypatch):
 
 def test_topk_kl_is_the_students_top_k(tiny):
     """With k below the vocabulary, the approximation sums p_s (log p_s - log p_t) over the student's k most likely
-    tokens (not the teacher's), both at the given temperature."""
+    tokens (not the teacher's), both at the given temperature; it is not renormalised."""
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(4, 50, generator=g, dtype=torch.float64) * 3, torch.randn(4, 50, generator=g, dtype=torch.float64) * 3
     logp, logq = torch.log_softmax(s / 0.7, -1), torch.log_softmax(t / 0.7, -1)
     top = logp.topk(5, -1).indices
     ref = (logp.exp() * (logp - logq)).gather(-1, top).sum(-1).mean()
     assert torch.allclose(oel.topk_kl(s, t, 0.7, 5).double(), ref, rtol=1e-5)
+    x, y = s.clone().requires_grad_(), s.clone().requires_grad_()  # student = teacher: the loss is 0, and its gradient
+    loss = oel.topk_kl(x, s, 0.7, 5)  # is that of the probability in the top k (not 0, unlike the exact KL's)
+    mass = torch.softmax(y / 0.7, -1).gather(-1, top).sum(-1).mean()
+    (grad,), (expected,) = torch.autograd.grad(loss, x), torch.autograd.grad(mass, y)
+    assert loss.item() == 0 and expected.abs().max() > 1e-3 and torch.allclose(grad.double(), expected, atol=1e-6)
 
 
 def test_extraction_keeps_a_repeated_lesson_once_and_exact_budgets_fit(tiny, tmp_path, monkeypatch):
