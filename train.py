@@ -283,7 +283,8 @@ def summary(rows):
             ("test_mean_steps", "steps"), ("ood_pass_rate", "ood pass")]
     lines = [" | ".join(f"{h:>10}" for _, h in cols)]
     for r in rows:
-        cells = ["base" if r["round"] < 0 else r["round"]] + [oel.metric_text(k, r.get(k, math.nan)) for k, _ in cols[1:]]
+        cells = ["base" if r["round"] < 0 else r["round"]] + [oel.metric_text(k, r[k]) if k in r else "-"
+                                                              for k, _ in cols[1:]]  # "-": no OOD set
         lines.append(" | ".join(f"{c:>10}" for c in cells))
     return "\n".join(lines)
 

@@ -607,13 +607,13 @@ def test_train_checks_settings_before_any_download_then_fetches_both_checkpoints
 
 
 def test_summary_and_ctrl_c_handler():
-    """The summary's first row is the base model, round 0 is round 0, a run without an OOD set shows nan; the Ctrl-C
+    """The summary's first row is the base model, round 0 is round 0, a run without an OOD set shows "-"; the Ctrl-C
     handler is only in place inside its block, however it ends (eval.main and train.main can be called from Python)."""
     rows = [{"round": -1, "test_pass_rate": 0.25, "test_tokens_per_turn": 10.0, "test_mean_steps": 3.0},
             {"round": 0, "test_pass_rate": 9 / 128, "test_tokens_per_turn": 1024.25, "test_mean_steps": 2.0}]
     lines = train.summary(rows).splitlines()  # --n_ood 0: no ood_pass_rate
     assert [line.split("|")[0].strip() for line in lines] == ["round", "base", "0"]
-    assert [line.split("|")[-1].strip() for line in lines[1:]] == ["nan", "nan"]
+    assert [line.split("|")[-1].strip() for line in lines[1:]] == ["-", "-"]
     assert [x.strip() for x in lines[2].split("|")[1:4]] == ["0.070", "1024.2", "2.0"]  # not 0.0703 and 1.02e+03
     before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     with train.stop_on_ctrl_c("x"):
