@@ -74,7 +74,7 @@ def run_setting(key, *paths):
     for path in paths:
         for folder in Path(path).resolve().parents if path else ():
             file = folder / "config.json"
-            if file.exists() and key in (cfg := oel.read_back(str(file))):
+            if file.exists() and key in (cfg := oel.read_back(str(file), ok=lambda d: isinstance(d, dict))):
                 return cfg[key]
     return getattr(oel.OELConfig, key)
 

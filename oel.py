@@ -131,17 +131,21 @@ def game_settings(text):
     return settings
 
 
-def read_back(path, read=None):
-    """A file a run wrote: JSON, or what read(path) makes of it (e.g. games.load_trajectories). Atomic writes never
-    leave one damaged, but a copy or a hand edit can: that ends the run with a line naming the file."""
+def read_back(path, read=None, ok=lambda x: True, advice="repair it, or delete it to redo what it holds"):
+    """A file a run wrote: JSON, or what read(path) makes of it (e.g. games.load_trajectories), for which ok() holds.
+    Atomic writes never leave one damaged, but a copy or a hand edit can: that ends the run with a line naming the
+    file, and `advice`."""
     try:
         if read is not None:
-            return read(path)
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            value = read(path)
+        else:
+            with open(path, encoding="utf-8") as f:
+                value = json.load(f)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, a malformed trajectory line
-        raise SystemExit(f"error: {path} cannot be read back ({e}); repair it, or delete it to redo what it "
-                         "holds") from None
+        raise SystemExit(f"error: {path} cannot be read back ({e}); {advice}") from None
+    if not ok(value):  # e.g. a hand-edited pool.json that is not a list of texts
+        raise SystemExit(f"error: {path} does not hold what a run writes there; {advice}")
+    return value
 
 
 def atomic_write(path, text):
@@ -564,7 +568,7 @@ def train_round(cfg, r, rdir, ckpt, device):
     pool_path = os.path.join(rdir, "pool.json")
     if os.path.exists(pool_path):
         print(f"round {r} | extract | {pool_path} on disk, reused")
-        pool = read_back(pool_path)
+        pool = read_back(pool_path, ok=lambda p: isinstance(p, list) and p and all(isinstance(x, str) for x in p))
     else:
         if cfg.context == "raw":
             pool = [raw_context([trajs[i] for i in order], tok, cfg.knowledge_budget)
@@ -596,7 +600,7 @@ def evaluate_round(cfg, r, rdir, ckpt, device):
     else:
         m, tok = modeling.load(ckpt, device=device, dtype=infer_dtype(device))
         atomic_write(path, json.dumps(evaluate(m, tok, cfg, rdir), indent=2))
-    res = read_back(path)
+    res = read_back(path, ok=lambda d: isinstance(d, dict) and all(isinstance(x, dict) for x in d.values()))
     return {"round": r, **{f"{s}_{k}": v for s, d in res.items() for k, v in d.items()}}
 
 
@@ -623,7 +627,8 @@ def check_resume(cfg):
     made = any(f not in ("config.json", ".lock") for _, _, files in os.walk(cfg.out_dir) for f in files)
     if not os.path.exists(path) or not made:
         return
-    old = read_back(path)
+    old = read_back(path, ok=lambda d: isinstance(d, dict), advice="repair it: it holds the settings the run was "
+                    "made with (without it a rerun would reuse its files whatever the flags), or pass a new --out_dir")
     if "model_type" in old:  # a checkpoint's config.json
         raise SystemExit(f"error: {cfg.out_dir} is a model checkpoint, not a train.py run folder; pass another --out_dir")
     old = {k: old.get(k, getattr(OELConfig, k)) for k in asdict(cfg)}  # a setting newer than the run: its default

@@ -1026,9 +1026,14 @@ def test_eval_checks_its_result_can_be_written_before_playing(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "res.jsonl.tmp"]
 
 
+CONFIG_ADVICE = ("repair it: it holds the settings the run was made with (without it a rerun would reuse its files "
+                 "whatever the flags), or pass a new --out_dir")
+
+
 def test_a_damaged_run_file_ends_a_resumed_run_with_one_line_naming_it(tmp_path):
     """Atomic writes never leave a run file damaged, but a copy or a hand edit can: a resumed run (and eval.py reading
-    a run) then ends with one line naming the file, not a traceback; so do a checkpoint passed as the run folder,
+    a run) then ends with one line naming the file, not a traceback, also for valid JSON of the wrong shape (a
+    config.json is not to be deleted: it guards the settings); so do a checkpoint passed as the run folder,
     weights holding infinity, and a run folder it cannot write in."""
     cfg = dict(model="tiny", rounds=1, n_train=2, n_test=1, n_ood=0, K=1, n=2, knowledge_budget=64, steps=1,
                batch_size=2, micro_batch=2, max_new_tokens=4, extract_max_new_tokens=4, max_turns=1, save_every=1)
@@ -1045,8 +1050,9 @@ def test_a_damaged_run_file_ends_a_resumed_run_with_one_line_naming_it(tmp_path)
         (case / name).write_bytes((case / name).read_bytes()[:-25])  # cut short
         named = case / ("r0/model" if "safetensors" in name else name)
         advice = {"r0/model/model.safetensors": "delete the folder to redo round 0's consolidation",
-                  "r0/consolidate.pt": "delete it to restart round 0's consolidation from its first step"}
-        advice = advice.get(name, "repair it, or delete it to redo what it holds")
+                  "r0/consolidate.pt": "delete it to restart round 0's consolidation from its first step",
+                  "config.json": CONFIG_ADVICE}
+        advice = re.escape(advice.get(name, "repair it, or delete it to redo what it holds"))
         with pytest.raises(SystemExit, match=f"^error: {re.escape(str(named))} cannot be read back .*; {advice}$"):
             if name == "metrics.jsonl":
                 evaluation.main(["--plot", str(case)])
@@ -1055,6 +1061,17 @@ def test_a_damaged_run_file_ends_a_resumed_run_with_one_line_naming_it(tmp_path)
         if name == "config.json":
             with pytest.raises(SystemExit, match=f"^error: {re.escape(str(named))} cannot be read back"):
                 evaluation.main(["--model", str(case / "r0" / "model")])
+    for i, (name, text) in enumerate((("r0/pool.json", "[]"), ("r0/pool.json", "[1, 2]"), ("r0/pool.json", '{"a": 1}'),
+                                      ("base/eval.json", '{"test": 5}'), ("base/eval.json", "[]"), ("config.json", "[]"))):
+        case = tmp_path / f"shape-{i}"  # valid JSON, but not what the run writes there (a hand edit)
+        shutil.copytree(run, case)
+        if name.startswith("r0/pool"):
+            shutil.rmtree(case / "r0" / "model")
+        (case / name).write_text(text)
+        advice = re.escape(CONFIG_ADVICE if name == "config.json" else "repair it, or delete it to redo what it holds")
+        with pytest.raises(SystemExit, match=f"^error: {re.escape(str(case / name))} does not hold what a run writes "
+                           f"there; {advice}$"):
+            oel.run(oel.OELConfig(out_dir=str(case), **cfg))
     case = tmp_path / "case-other-version"  # a state file of the code before the stacked projections (the Hub's names)
     shutil.copytree(run, case)
     shutil.rmtree(case / "r0" / "model")
