@@ -265,11 +265,12 @@ def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
     orders = accumulation_orders(cfg, r, len(trajs))
     n = len(orders[0])
     items = [[] for _ in range(cfg.K)]
-    made = cut = 0  # extraction responses generated, and those cut off inside their thinking
+    made = cut = reused = 0  # extraction responses generated, those cut off inside their thinking; steps read back
     for i in tqdm(range(1, n + 1), desc=f"round {r} extract", leave=False):
         paths = [os.path.join(kdir, f"r{r}_k{k}_{i}.md") for k in range(cfg.K)]
         if all(os.path.exists(p) for p in paths):  # resumed: this step is on disk
             items = [[line for line in open(p, encoding="utf-8").read().splitlines() if line] for p in paths]
+            reused += 1
             continue
         prompts = []
         for k in range(cfg.K):
@@ -287,8 +288,9 @@ def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
             atomic_write(paths[k], "\n".join(items[k]) + "\n")
     if cut:
         advice = "raise --extract_max_new_tokens" + (", or use a non-thinking mode" if cfg.thinking else "")
+        before = f", not counting the first {reused} of {n} steps, made before a resume" if reused else ""
         print(f"round {r} | warning: {cut} of {made} extraction responses ran out of tokens inside a think block (no "
-              f"lessons from them); {advice}")
+              f"lessons from them{before}); {advice}")
     return ["\n".join(it) for it in items]
 
 

@@ -832,7 +832,8 @@ def test_extract_pool_accumulates_saves_versions_and_resumes(tiny, tmp_path, mon
 
 
 def test_extraction_warns_when_thinking_is_cut_off(tiny, tmp_path, monkeypatch, capsys):
-    """Responses that hit the token limit inside a think block give no lessons, and the run says why, once a round."""
+    """Responses that hit the token limit inside a think block give no lessons, and the run says why, once a round (and
+    that it counts only the steps made since a resume)."""
     _, tok = tiny
     cut = modeling.Completion([], f"{modeling.THINK}\nlet me think about", [], False)
     done = modeling.Completion([], f"{modeling.THINK}x{modeling.END_THINK}\n{oel.MARKER} a lesson", [], True)
@@ -847,6 +848,10 @@ def test_extraction_warns_when_thinking_is_cut_off(tiny, tmp_path, monkeypatch, 
         out = capsys.readouterr().out
         assert out.count("warning") == 1 and "2 of 8 extraction responses ran out of tokens inside a think block" in out
         assert ("non-thinking mode" in out) == thinking  # advised only when thinking is on
+    (tmp_path / "True" / "knowledge" / "r0_k0_2.md").unlink()  # resumed inside step 2: step 1 is read back
+    oel.extract_pool(None, tok, trajs, cfg, str(tmp_path / "True"), r=0)
+    assert "1 of 4 extraction responses ran out of tokens inside a think block (no lessons from them, not counting " \
+           "the first 1 of 2 steps, made before a resume)" in capsys.readouterr().out
 
 
 UTF8_SCRIPT = r'''
