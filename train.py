@@ -245,10 +245,11 @@ def cli(main, lower="--rollout_batch (games or samples generated at once) or --m
         sys.exit(f"error: {e}; the checks at the start built the first level with these settings, but not this one")
     except modeling.NonFinite as e:  # found when a checkpoint's weights are read, after the checks
         sys.exit(f"error: {e}")
-    except torch.cuda.OutOfMemoryError as e:
-        sys.exit(f"error: out of GPU memory: lower {lower} ({str(e).splitlines()[0]})")
-    except (OSError, RuntimeError) as e:  # torch.save to a Python file raises a RuntimeError after the OSError
-        full = e if isinstance(e, OSError) else e.__context__
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, torch.cuda.OutOfMemoryError) or isinstance(e, torch.AcceleratorError) and "out of memory" in \
+                str(e):  # the second: an OOM while a CUDA graph is recorded (pytorch#159594)
+            sys.exit(f"error: out of GPU memory: lower {lower} ({str(e).splitlines()[0]})")
+        full = e if isinstance(e, OSError) else e.__context__  # torch.save to a Python file: RuntimeError after OSError
         if not isinstance(full, OSError) or full.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" writing {full.filename}" if full.filename else ""

@@ -1884,7 +1884,7 @@ def test_a_full_disk_is_one_line(tmp_path, monkeypatch):
 
 def test_out_of_gpu_memory_is_one_line_naming_what_to_lower(tmp_path, monkeypatch):
     """Running out of GPU memory ends train.py and eval.py with one line: what to lower (a run then resumes with it
-    lowered), and torch's own first line; a consolidation state that runs out of memory as it loads is not called
+    lowered), and torch's own first line, also where torch raises it as an AcceleratorError; a consolidation state that runs out of memory as it loads is not called
     damaged."""
     def fail(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore details")
@@ -1894,6 +1894,10 @@ def test_out_of_gpu_memory_is_one_line_naming_what_to_lower(tmp_path, monkeypatc
     assert e.value.code == ("error: out of GPU memory: lower --rollout_batch (games or samples generated at once) or "
                             "--micro_batch (prompts per forward and backward), and rerun the same command: the run "
                             "resumes where it stopped (CUDA out of memory. Tried to allocate 2.00 GiB.)")
+    with pytest.raises(SystemExit, match=r"^error: out of GPU memory: lower .* \(CUDA error: out of memory\)$"):
+        train.cli(lambda: (_ for _ in ()).throw(torch.AcceleratorError("CUDA error: out of memory\nCUDA kernel ...")))
+    with pytest.raises(torch.AcceleratorError):  # another CUDA error keeps its traceback
+        train.cli(lambda: (_ for _ in ()).throw(torch.AcceleratorError("CUDA error: an illegal memory access")))
     monkeypatch.setattr(oel, "play", fail)  # eval.py run as a script, out of memory while playing
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["eval.py", "--model", "tiny", "--n", "1", "--max_new_tokens", "1"])
