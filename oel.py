@@ -542,16 +542,12 @@ def evaluate(m, tok, cfg, out_dir):
 
 
 def held_out_boards(cfg):
-    """First observations of the held-out test levels, which the deploy games avoid; none when the level space is too
-    small to hold any out: fewer than half the test levels are distinct (the paper's FrozenLake: see games.level_seed),
-    or fewer than half of round 0's first deploy levels (as many as there are test levels) fall outside them."""
-    opts = game_settings(cfg.game_options)
-    test = games.make_games(cfg.game, "test", cfg.n_test, cfg.seed, **opts)
-    train = games.make_games(cfg.game, "train", min(cfg.n_train, cfg.n_test), cfg.seed * 1000, **opts)
-    games.pregenerate(test + train)
-    boards = {games.first_observation(e) for e in test}
-    outside = sum(games.first_observation(e) not in boards for e in train)
-    return boards if 2 * len(boards) >= len(test) and 2 * outside >= len(train) else set()
+    """First observations of the held-out test levels, which the deploy games avoid; none when fewer than half are
+    distinct: the level space is then too small to hold any out (the paper's FrozenLake: see games.level_seed)."""
+    envs = games.make_games(cfg.game, "test", cfg.n_test, cfg.seed, **game_settings(cfg.game_options))
+    games.pregenerate(envs)
+    boards = [games.first_observation(e) for e in envs]
+    return set(boards) if 2 * len(set(boards)) >= len(boards) else set()
 
 
 def train_round(cfg, r, rdir, ckpt, device):
