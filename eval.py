@@ -74,7 +74,7 @@ def run_setting(key, *paths):
     for path in paths:
         for folder in Path(path).resolve().parents if path else ():
             file = folder / "config.json"
-            if file.exists() and key in (cfg := oel.read_back(str(file), ok=lambda d: isinstance(d, dict))):
+            if file.exists() and isinstance(cfg := oel.read_back(str(file)), dict) and key in cfg:
                 return cfg[key]
     return getattr(oel.OELConfig, key)
 
@@ -178,7 +178,7 @@ def plot(run_dir):
     try:
         fig.savefig(out, dpi=120)
     except OSError as e:
-        raise SystemExit(f"error: cannot write {out} ({e.strerror})") from None
+        raise SystemExit(f"error: cannot write {out} ({e.strerror or e})") from None
     return out
 
 

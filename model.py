@@ -6,6 +6,7 @@ Shapes: B batch rows, T tokens in this forward (the whole sequence without a cac
 query sees (T in a prefill, S in a decode step), U distinct prompts, P longest prompt, C hidden, H query heads,
 K key/value heads, G = H // K, D head dim, V vocabulary, L layers.
 """
+import contextlib
 import json
 import math
 import os
@@ -400,6 +401,18 @@ def load(path_or_name, device="cpu", dtype=torch.float32):
     return model.eval(), Tokenizer(path)
 
 
+@contextlib.contextmanager
+def as_os_error(file):
+    """Raise an I/O error that safetensors or tokenizers (Rust) report as text ("... (os error 28)": a full disk) as
+    the OSError it is."""
+    try:
+        yield
+    except Exception as e:  # SafetensorError; tokenizers raises a bare Exception
+        if not (code := re.search(r"os error (\d+)", str(e))):
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from None
+
+
 def save(model: Transformer, tokenizer: "Tokenizer", path):
     """Write config.json, model.safetensors (tied: no lm_head.weight), tokenizer files and generation_config.json."""
     path = Path(path)
@@ -408,12 +421,8 @@ def save(model: Transformer, tokenizer: "Tokenizer", path):
     cfg = {**model.config.to_hf(), "torch_dtype": dtype, "dtype": dtype, "eos_token_id": tokenizer.stop_ids[0]}
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     sd = {k: v.detach().to("cpu", copy=True) for k, v in hub_state_dict(model).items()}  # no shared storage
-    try:
+    with as_os_error(path / "model.safetensors"):
         save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
-    except SafetensorError as e:  # an I/O error (a full disk) as the OSError it is
-        if not (code := re.search(r"os error (\d+)", str(e))):
-            raise
-        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path / "model.safetensors")) from None
     os.chmod(path / "model.safetensors", (path / "config.json").stat().st_mode)  # safetensors writes it private (0600)
     tokenizer.save(path)
     gen = {"eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_id}
@@ -451,7 +460,8 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
     def save(self, path):
-        self.tok.save(str(Path(path) / "tokenizer.json"))
+        with as_os_error(Path(path) / "tokenizer.json"):
+            self.tok.save(str(Path(path) / "tokenizer.json"))
         (Path(path) / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2))
 
     def chat(self, messages: list[dict], thinking: bool | None = False, add_generation_prompt=True) -> str:

@@ -246,8 +246,9 @@ def cli(main, lower="--rollout_batch (games or samples generated at once) or --m
     except modeling.NonFinite as e:  # found when a checkpoint's weights are read, after the checks
         sys.exit(f"error: {e}")
     except (OSError, RuntimeError) as e:
-        if isinstance(e, torch.cuda.OutOfMemoryError) or isinstance(e, torch.AcceleratorError) and "out of memory" in \
-                str(e):  # the second: an OOM while a CUDA graph is recorded (pytorch#159594)
+        # torch >= 2.8 raises an AcceleratorError for an OOM while a CUDA graph is recorded (pytorch#159594)
+        accelerator = getattr(torch, "AcceleratorError", ())
+        if isinstance(e, torch.cuda.OutOfMemoryError) or isinstance(e, accelerator) and "out of memory" in str(e):
             sys.exit(f"error: out of GPU memory: lower {lower} ({str(e).splitlines()[0]})")
         full = e if isinstance(e, OSError) else e.__context__  # torch.save to a Python file: RuntimeError after OSError
         if not isinstance(full, OSError) or full.errno not in (errno.ENOSPC, errno.EDQUOT):
