@@ -463,6 +463,10 @@ def option_value(what: str, v, t):
     return v
 
 
+class TooFewLevels(ValueError):
+    """make_games found fewer than n levels outside `exclude` among a set's MAX_GAMES level seeds."""
+
+
 def make_games(game: str, split: str, n: int, /, seed: int = 0, exclude=(), **options) -> list:
     """n games of a named, reproducible set. `train`: pass a fresh seed every round (e.g. the round number);
     `test`: the held-out levels (the paper uses 128 fixed levels); `ood`: another disjoint set, meant for a game
@@ -489,7 +493,7 @@ def make_games(game: str, split: str, n: int, /, seed: int = 0, exclude=(), **op
     with tqdm(total=n, desc=f"levels {game} {split}", leave=False) as bar:
         while len(envs) < n:
             if i == MAX_GAMES:
-                raise ValueError(f"{game} {split} set {seed}: fewer than {n} of its levels are outside `exclude`")
+                raise TooFewLevels(f"{game} {split} set {seed}: fewer than {n} of its levels are outside `exclude`")
             env = levels[i] if i < n else ENVS[game](**options, seed=level_seed(split, seed, i))
             if first_observation(env) not in exclude:
                 envs.append(env)

@@ -1543,6 +1543,23 @@ def test_train_round_plays_fresh_held_out_games_from_its_checkpoint(tmp_path, mo
     assert not seeds & {e.seed for e in games.make_games("sokoban", "train", 2, seed=2 * 1000)}  # round 0's
 
 
+def test_deploy_plays_test_levels_when_no_others_exist(tmp_path, capsys):
+    """A level space the test set covers (2x2 FrozenLake: 2 boards, both among 4 test games) leaves the deploy games
+    no level outside it: the round says so and deploys on all levels, instead of failing after the evaluation."""
+    cfg = oel.OELConfig(model="tiny", game="frozenlake", game_options='{"size": 2, "holes": 1}', n_train=2, n_test=4,
+                        K=1, n=1, steps=1, batch_size=1, micro_batch=1, max_new_tokens=3, extract_max_new_tokens=3,
+                        max_turns=1)
+    boards = oel.held_out_boards(cfg)
+    assert len(boards) == 2
+    with pytest.raises(games.TooFewLevels):
+        games.make_games("frozenlake", "train", 2, seed=0, exclude=boards, **oel.game_settings(cfg.game_options))
+    (tmp_path / "r0").mkdir()
+    oel.train_round(cfg, 0, str(tmp_path / "r0"), "tiny", "cpu")
+    assert ("round 0 | deploy | warning: fewer than 2 of 10,000 levels start unlike the 2 test boards: the deploy "
+            "games include test levels") in capsys.readouterr().out
+    assert len(games.load_trajectories(tmp_path / "r0" / "deploy.jsonl")) == 2
+
+
 def test_play_spreads_contexts_and_evaluate_samples_as_the_paper(monkeypatch, tmp_path):
     """play() gives each context its share of the n games (not n games each); evaluation (of no OOD set when n_ood
     is 0) samples at 0.7 / top-p 0.8 / top-k 20 while the student's consolidation samples come from the full
