@@ -47,8 +47,16 @@ class ModelConfig:
     rope_scaling: dict | None = None  # None, or Llama 3.x {'rope_type': 'llama3', 'factor', 'low_freq_factor', ...}
     max_position_embeddings: int = 40960  # longest sequence the model was trained for
     tie_word_embeddings: bool = True  # lm_head reuses the embedding matrix
-    attention_bias: bool = False  # bias on q/k/v projections (and on o_proj, except in Qwen2)
-    qk_norm: bool = True  # per-head RMSNorm on queries and keys (Qwen3)
+    attention_bias: bool = False  # bias on q/k/v projections and o_proj (Qwen2: on q/k/v alone, always)
+
+    def __post_init__(self):
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(f"unknown model_type {self.model_type!r}; supported: {', '.join(ARCHITECTURES)}")
+        self.attention_bias = self.attention_bias or self.model_type == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:  # per-head RMSNorm on queries and keys: Qwen3's alone
+        return self.model_type == "qwen3"
 
     @classmethod
     def from_hf(cls, path) -> "ModelConfig":
@@ -90,16 +98,17 @@ class ModelConfig:
             model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
             num_attention_heads=H, num_key_value_heads=d.get("num_key_value_heads") or H,
-            head_dim=d.get("head_dim") or d["hidden_size"] // H, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            head_dim=d.get("head_dim") or (128 if mt == "qwen3" else d["hidden_size"] // H),  # transformers' defaults
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
             rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} if rope_type == "llama3" else None,
             max_position_embeddings=d.get("max_position_embeddings", 32768),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
-            attention_bias=mt == "qwen2" or d.get("attention_bias", False), qk_norm=mt == "qwen3")
+            attention_bias=d.get("attention_bias", False))
 
     def to_hf(self) -> dict:
         """The Hub config.json dict that transformers loads."""
-        d = {k: v for k, v in asdict(self).items() if k != "qk_norm"}
+        d = asdict(self)
         if self.model_type == "qwen2":
             del d["attention_bias"]  # always on for Qwen2
         return {"architectures": [ARCHITECTURES[self.model_type]], **d, "hidden_act": "silu"}
@@ -364,9 +373,9 @@ def check_checkpoint(path_or_name) -> tuple[Path, ModelConfig]:
                     continue
                 if k not in expected:
                     raise ValueError(f"{f.name} holds {k}, which a {cfg.model_type} model with this config.json lacks")
-                if not x.get_dtype().startswith(("F", "BF")):
+                if x.get_dtype() not in ("F16", "BF16", "F32", "F64"):  # FP8 needs its scales: not supported
                     raise TypeError(f"tensor {k} in {path} has unsupported dtype {x.get_dtype()}; "
-                                    "expected a float type")
+                                    "expected F16, BF16, F32 or F64")
                 if tuple(x.get_shape()) != expected[k]:
                     raise ValueError(f"shape mismatch for {k}: checkpoint has {tuple(x.get_shape())}, "
                                      f"config.json implies {expected[k]}")
@@ -415,8 +424,14 @@ def as_os_error(file):
 
 def save(model: Transformer, tokenizer: "Tokenizer", path):
     """Write config.json, model.safetensors (tied: no lm_head.weight), tokenizer files and generation_config.json."""
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper prefixes every name with _orig_mod.
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if (index := path / "model.safetensors.index.json").is_file():  # a sharded checkpoint there would be read, not ours
+        shards = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        for f in set(shards.values()) if isinstance(shards, dict) else ():
+            (path / f).unlink(missing_ok=True)
+        index.unlink()
     dtype = str(model.output_weight.dtype).removeprefix("torch.")
     cfg = {**model.config.to_hf(), "torch_dtype": dtype, "dtype": dtype, "eos_token_id": tokenizer.stop_ids[0]}
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -443,6 +458,8 @@ class Tokenizer:
         self.tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
         file = path / "tokenizer_config.json"
         self.config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}  # kept as is for save()
+        file = path / "chat_template.jinja"  # where newer transformers keep the template: kept for save() too
+        self.template = file.read_text(encoding="utf-8") if file.is_file() else None
 
         def named(key):  # tokenizer_config.json stores a token as a string or as {"content": ...}
             t = self.config.get(key)
@@ -463,6 +480,8 @@ class Tokenizer:
         with as_os_error(Path(path) / "tokenizer.json"):
             self.tok.save(str(Path(path) / "tokenizer.json"))
         (Path(path) / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2))
+        if self.template is not None:
+            (Path(path) / "chat_template.jinja").write_text(self.template, encoding="utf-8")
 
     def chat(self, messages: list[dict], thinking: bool | None = False, add_generation_prompt=True) -> str:
         """Render like Qwen3's chat template. thinking True/False: hybrid Qwen3 with enable_thinking True/False

@@ -103,16 +103,44 @@ def test_save_loads_in_transformers(name, tmp_path, tiny):
         assert (hf_logits(back, idx) - ours(idx)).abs().max().item() < 1e-5
 
 
+def test_config_follows_its_model_type(tmp_path, tiny):
+    """A ModelConfig built in code gets its architecture's q/k norm and biases from model_type alone (a Llama has no
+    q/k norm, a Qwen2 always has q/k/v biases), so what save() writes loads in transformers to the same logits; a
+    Qwen3 config.json without head_dim means transformers' default of 128, not hidden / heads."""
+    for model_type in ("llama", "qwen2"):
+        cfg = M.ModelConfig(model_type=model_type, **{k: v for k, v in SMALL.items() if k != "max_position_embeddings"})
+        assert not cfg.qk_norm and cfg.attention_bias == (model_type == "qwen2")
+        torch.manual_seed(0)
+        ours = M.Transformer(cfg).eval()
+        M.save(ours, tiny[1], tmp_path / model_type)
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / model_type, dtype=torch.float32).eval()
+        idx = torch.randint(0, 1024, (1, 7))
+        with torch.no_grad():
+            assert (hf_logits(back, idx) - ours(idx)).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="unknown model_type 'gpt2'"):
+        M.ModelConfig(model_type="gpt2")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", **{k: v for k, v in SMALL.items() if k != "head_dim"}}))
+    assert M.ModelConfig.from_hf(tmp_path).head_dim == transformers.AutoConfig.from_pretrained(tmp_path).head_dim == 128
+
+
 def test_sharded_checkpoint(tmp_path, tiny):
-    """A sharded checkpoint (model.safetensors.index.json) loads."""
+    """A sharded checkpoint (model.safetensors.index.json) loads; a model saved into its folder replaces it (also one
+    wrapped by torch.compile, whose tensor names carry a prefix)."""
     ref = hf_model("qwen3-untied")
     ref.save_pretrained(tmp_path, max_shard_size="40KB")
     tiny[1].save(tmp_path)
     assert (tmp_path / "model.safetensors.index.json").exists()
-    ours, _ = M.load(tmp_path)
+    ours, tok = M.load(tmp_path)
     idx = torch.randint(0, 1024, (1, 9))
     with torch.no_grad():
         assert (ours(idx) - hf_logits(ref, idx)).abs().max().item() < 1e-5
+        ours.output_weight.add_(1.0)
+    M.save(torch.compile(ours), tok, tmp_path)  # over the sharded one (its shards would be read), compiled or not
+    assert sorted(f.name for f in tmp_path.glob("model*")) == ["model.safetensors"]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(M.load(tmp_path)[0](idx), ours(idx))
+        assert (hf_logits(back, idx) - ours(idx)).abs().max().item() < 1e-5
 
 
 def test_rope_theta_from_either_key(tmp_path):
@@ -225,7 +253,7 @@ def test_error_missing_shard(tmp_path, tiny):
 
 
 def test_error_dtype(ckpt):
-    """A non-float dtype argument, or an integer tensor in the file, is rejected."""
+    """A non-float dtype argument, or an integer or FP8 tensor in the file, is rejected."""
     with pytest.raises(TypeError, match="floating-point"):
         M.load(ckpt, dtype=torch.int64)
     sd = load_file(ckpt / "model.safetensors")
@@ -233,6 +261,10 @@ def test_error_dtype(ckpt):
     save_file(sd, ckpt / "model.safetensors")
     with pytest.raises(TypeError, match="model.norm.weight .* dtype I64"):
         M.load(ckpt)
+    sd["model.norm.weight"] = sd["model.norm.weight"].to(torch.float8_e4m3fn)  # FP8 would need its scales
+    save_file(sd, ckpt / "model.safetensors")
+    with pytest.raises(TypeError, match="model.norm.weight .* dtype F8_E4M3; expected F16, BF16, F32 or F64"):
+        M.check_checkpoint(ckpt)
 
 
 def test_check_checkpoint_reads_headers_only(ckpt):
@@ -611,7 +643,7 @@ def test_a_stop_token_as_the_last_allowed_token_counts_as_stopped(lm):
 def test_save_writes_bf16_and_the_chat_stop_tokens(tmp_path, tiny):
     """A bfloat16 model saves as a bfloat16 checkpoint (tensors and config dtype, as transformers reads it) that load
     accepts and reads back exactly; transformers reads <|im_end|> as its eos and both stop tokens from
-    generation_config.json (what lm-evaluation-harness generates with). Every file is as readable as the umask lets
+    generation_config.json (what lm-evaluation-harness generates with), and a chat_template.jinja is kept. Every file is as readable as the umask lets
     a new file be (safetensors alone would write its weights private)."""
     model, tok = tiny
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
@@ -631,3 +663,7 @@ def test_save_writes_bf16_and_the_chat_stop_tokens(tmp_path, tiny):
     im_end, endoftext = tok.tok.token_to_id(M.IM_END), tok.tok.token_to_id(M.ENDOFTEXT)
     assert config.dtype == torch.bfloat16 and config.eos_token_id == im_end
     assert transformers.GenerationConfig.from_pretrained(path).eos_token_id == [im_end, endoftext]
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # kept where newer transformers keep it
+    (path / "chat_template.jinja").write_text(template)
+    M.save(*M.load(path), tmp_path / "again")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "again").chat_template == template
