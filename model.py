@@ -486,16 +486,20 @@ class Tokenizer:
     def chat(self, messages: list[dict], thinking: bool | None = False, add_generation_prompt=True) -> str:
         """Render like Qwen3's chat template. thinking True/False: hybrid Qwen3 with enable_thinking True/False
         (False appends an empty think block to the generation prompt); None: Instruct-2507, which never thinks.
-        Hybrid mode drops the reasoning of assistant turns before the last user message, as the template does."""
+        Hybrid mode drops the reasoning of assistant turns before the last user message, as the template does; an
+        assistant turn's reasoning is its `reasoning_content` if given, else the think block in its content. A content
+        that is not a string (None, a list of parts) renders empty, as in the template."""
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
         s = ""
         for i, m in enumerate(messages):
-            content = m["content"]
+            content = m["content"] if isinstance(m.get("content"), str) else ""
             if m["role"] == "assistant" and thinking is not None:
-                reasoning = ""
-                if END_THINK in content:
-                    reasoning = content.split(END_THINK)[0].rstrip("\n").split(THINK)[-1].lstrip("\n")
-                    content = content.split(END_THINK)[-1].lstrip("\n")
+                reasoning = m.get("reasoning_content")
+                if not isinstance(reasoning, str):
+                    reasoning = ""
+                    if END_THINK in content:
+                        reasoning = content.split(END_THINK)[0].rstrip("\n").split(THINK)[-1].lstrip("\n")
+                        content = content.split(END_THINK)[-1].lstrip("\n")
                 if i > last_user and (i == len(messages) - 1 or reasoning):
                     reasoning, content = reasoning.strip("\n"), content.lstrip("\n")
                     content = f"{THINK}\n{reasoning}\n{END_THINK}\n\n{content}"

@@ -594,6 +594,15 @@ def test_chat_format(tiny):
     assert tok.chat(two, thinking=True, add_generation_prompt=False) == (
         "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
         "<|im_start|>assistant\n<think>\n\n</think>\n\nB<|im_end|>\n")
+    # reasoning given as reasoning_content, not in the content; a content that is not a string renders empty
+    given = [{"role": "user", "content": None}, {"role": "assistant", "content": "A", "reasoning_content": "R"}]
+    assert tok.chat(given, thinking=True, add_generation_prompt=False) == (
+        "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n<think>\nR\n</think>\n\nA<|im_end|>\n")
+    given = [{"role": "user", "content": [{"type": "text", "text": "Q"}]}, {"role": "user", "content": "Q"},
+             {"role": "assistant", "content": None}]
+    assert tok.chat(given, thinking=True, add_generation_prompt=False) == (
+        "<|im_start|>user\n<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        "<|im_end|>\n")
 
 
 def test_strip_thinking():
