@@ -599,8 +599,12 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]],
     """Sample a completion for each prompt (temperature 0: greedy) until a stop token or max_new_tokens.
     Mixed prompt lengths give the same greedy results as one-by-one (left padding, per-row positions, masked
     pads); sampled ones depend on the batch too, as the noise is drawn for the whole batch at each step."""
+    prompts = [[int(t) for t in p] for p in prompts]  # lists of ids (tensor rows too)
     if not prompts:
         return []
+    V = model.config.vocab_size
+    if bad := [t for p in prompts for t in p if not 0 <= t < V][:1]:
+        raise ValueError(f"prompt token id {bad[0]} is outside the model's vocabulary (0..{V - 1})")
     if max_new_tokens < 1 or not all(prompts):
         raise ValueError(f"generate needs max_new_tokens >= 1 (got {max_new_tokens}) and non-empty prompts")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:

@@ -455,12 +455,18 @@ def test_compiled_decode_step(lm, monkeypatch):
 
 @torch.no_grad()
 def test_generate_rejects_bad_requests(lm):
-    """No new tokens or an empty prompt is an error; running past the trained context is warned about."""
+    """No new tokens, an empty prompt or a token id outside the vocabulary is an error (a tensor of prompts is fine);
+    running past the trained context is warned about."""
     model, tok = lm
     with pytest.raises(ValueError, match="max_new_tokens >= 1"):
         M.generate(model, tok, PROMPTS, max_new_tokens=0)
     with pytest.raises(ValueError, match="non-empty prompts"):
         M.generate(model, tok, [[1, 2], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"prompt token id 1024 is outside the model's vocabulary \(0..1023\)"):
+        M.generate(model, tok, [[1, 2], [3, 1024]], max_new_tokens=2)
+    rows = torch.tensor(PROMPTS[:1] * 2)  # tensor rows are prompts too
+    assert [c.tokens for c in M.generate(model, tok, rows, max_new_tokens=3, temperature=0)] == \
+        [c.tokens for c in M.generate(model, tok, PROMPTS[:1] * 2, max_new_tokens=3, temperature=0)]
     short = copy.deepcopy(model)
     short.config = replace(model.config, max_position_embeddings=16)
     with pytest.warns(UserWarning, match="exceed the model's context of 16"):
