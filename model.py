@@ -427,11 +427,6 @@ def save(model: Transformer, tokenizer: "Tokenizer", path):
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper prefixes every name with _orig_mod.
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    if (index := path / "model.safetensors.index.json").is_file():  # a sharded checkpoint there would be read, not ours
-        shards = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        for f in set(shards.values()) if isinstance(shards, dict) else ():
-            (path / f).unlink(missing_ok=True)
-        index.unlink()
     dtype = str(model.output_weight.dtype).removeprefix("torch.")
     cfg = {**model.config.to_hf(), "torch_dtype": dtype, "dtype": dtype, "eos_token_id": tokenizer.stop_ids[0]}
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -439,6 +434,16 @@ def save(model: Transformer, tokenizer: "Tokenizer", path):
     with as_os_error(path / "model.safetensors"):
         save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
     os.chmod(path / "model.safetensors", (path / "config.json").stat().st_mode)  # safetensors writes it private (0600)
+    if (index := path / "model.safetensors.index.json").is_file():  # a sharded checkpoint there: read before ours
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):  # not an index as transformers writes one
+            shards = set()
+        index.unlink()
+        for f in shards:  # its shards: only plain .safetensors names in this folder
+            if isinstance(f, str) and f == Path(f).name and f.endswith(".safetensors") and (path / f).is_file() \
+                    and f != "model.safetensors":
+                (path / f).unlink()
     tokenizer.save(path)
     gen = {"eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_id}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -482,14 +487,19 @@ class Tokenizer:
         (Path(path) / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2))
         if self.template is not None:
             (Path(path) / "chat_template.jinja").write_text(self.template, encoding="utf-8")
+        else:  # another tokenizer's template there would be read instead of tokenizer_config.json's
+            (Path(path) / "chat_template.jinja").unlink(missing_ok=True)
 
     def chat(self, messages: list[dict], thinking: bool | None = False, add_generation_prompt=True) -> str:
         """Render like Qwen3's chat template. thinking True/False: hybrid Qwen3 with enable_thinking True/False
         (False appends an empty think block to the generation prompt); None: Instruct-2507, which never thinks.
-        Hybrid mode drops the reasoning of assistant turns before the last user message, as the template does; an
+        Hybrid mode drops the reasoning of assistant turns before the last user message (with text content, not a
+        tool response), as the template does; an
         assistant turn's reasoning is its `reasoning_content` if given, else the think block in its content. A content
         that is not a string (None, a list of parts) renders empty, as in the template."""
-        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+        tool = lambda c: c.startswith("<tool_response>") and c.endswith("</tool_response>")
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user" and isinstance(m.get("content"), str)
+                         and not tool(m["content"])), default=len(messages) - 1)  # the template's last query
         s = ""
         for i, m in enumerate(messages):
             content = m["content"] if isinstance(m.get("content"), str) else ""
@@ -599,7 +609,7 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]],
     """Sample a completion for each prompt (temperature 0: greedy) until a stop token or max_new_tokens.
     Mixed prompt lengths give the same greedy results as one-by-one (left padding, per-row positions, masked
     pads); sampled ones depend on the batch too, as the noise is drawn for the whole batch at each step."""
-    prompts = [[int(t) for t in p] for p in prompts]  # lists of ids (tensor rows too)
+    prompts = [p.tolist() if isinstance(p, torch.Tensor) else [int(t) for t in p] for p in prompts]  # lists of ids
     if not prompts:
         return []
     V = model.config.vocab_size

@@ -137,6 +137,19 @@ def test_sharded_checkpoint(tmp_path, tiny):
         ours.output_weight.add_(1.0)
     M.save(torch.compile(ours), tok, tmp_path)  # over the sharded one (its shards would be read), compiled or not
     assert sorted(f.name for f in tmp_path.glob("model*")) == ["model.safetensors"]
+    for f in ("a.safetensors", "keep.txt", "model-1.safetensors"):  # an index naming files it must not delete
+        (tmp_path / f).write_text("x")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.safetensors"
+    outside.write_text("x")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-1.safetensors", "b": f"../{outside.name}", "c": str(tmp_path / "a.safetensors"), "d": "keep.txt"}}))
+    M.save(ours, tok, tmp_path)
+    assert sorted(f.name for f in tmp_path.glob("*.*")) == sorted([
+        "a.safetensors", "keep.txt", "model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+        "tokenizer_config.json"]) and outside.exists()
+    (tmp_path / "model.safetensors.index.json").write_text("[]")  # not an index as transformers writes one
+    M.save(ours, tok, tmp_path)
+    assert not (tmp_path / "model.safetensors.index.json").exists()
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.equal(M.load(tmp_path)[0](idx), ours(idx))
@@ -601,14 +614,21 @@ def test_chat_format(tiny):
         "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
         "<|im_start|>assistant\n<think>\n\n</think>\n\nB<|im_end|>\n")
     # reasoning given as reasoning_content, not in the content; a content that is not a string renders empty
-    given = [{"role": "user", "content": None}, {"role": "assistant", "content": "A", "reasoning_content": "R"}]
+    given = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "reasoning_content": "R"},
+             {"role": "user", "content": None}]
     assert tok.chat(given, thinking=True, add_generation_prompt=False) == (
-        "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n<think>\nR\n</think>\n\nA<|im_end|>\n")
+        "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\nR\n</think>\n\nA<|im_end|>\n"
+        "<|im_start|>user\n<|im_end|>\n")
     given = [{"role": "user", "content": [{"type": "text", "text": "Q"}]}, {"role": "user", "content": "Q"},
              {"role": "assistant", "content": None}]
     assert tok.chat(given, thinking=True, add_generation_prompt=False) == (
         "<|im_start|>user\n<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
         "<|im_end|>\n")
+    for last in (None, "<tool_response>x</tool_response>"):  # no query: the reasoning before it is kept
+        given = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>r</think>A"},
+                 {"role": "user", "content": last}]
+        assert tok.chat(given, thinking=True, add_generation_prompt=False).startswith(
+            "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\nr\n</think>\n\nA<|im_end|>\n")
 
 
 def test_strip_thinking():
@@ -682,3 +702,5 @@ def test_save_writes_bf16_and_the_chat_stop_tokens(tmp_path, tiny):
     (path / "chat_template.jinja").write_text(template)
     M.save(*M.load(path), tmp_path / "again")
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "again").chat_template == template
+    M.save(model, tok, tmp_path / "again")  # a tokenizer without one leaves no stale template behind
+    assert not (tmp_path / "again" / "chat_template.jinja").exists()

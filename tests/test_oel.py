@@ -1288,6 +1288,8 @@ def test_eval_takes_the_models_run_and_the_contexts_budget(tmp_path, monkeypatch
     (tmp_path / "a" / "inner" / "r0").mkdir(parents=True)  # a run folder inside another's
     (tmp_path / "a" / "inner" / "config.json").write_text(json.dumps({"knowledge_budget": 200}))
     assert evaluation.run_setting("knowledge_budget", str(tmp_path / "a" / "inner" / "r0" / "pool.json")) == 200
+    (tmp_path / "a" / "inner" / "config.json").write_text('["knowledge_budget"]')  # not a run's: the outer run's
+    assert evaluation.run_setting("knowledge_budget", str(tmp_path / "a" / "inner" / "r0" / "pool.json")) == 300
 
 
 def test_prompt_length_checks_measure_the_games_observations(tiny, tmp_path, capsys):
