@@ -423,17 +423,17 @@ def as_os_error(file):
 
 
 def save(model: Transformer, tokenizer: "Tokenizer", path):
-    """Write config.json, model.safetensors (tied: no lm_head.weight), tokenizer files and generation_config.json."""
+    """Write the tokenizer files, model.safetensors (tied: no lm_head.weight), generation_config.json and, last,
+    config.json: a save cut short leaves a folder without one, which no loader takes for a checkpoint."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper prefixes every name with _orig_mod.
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    dtype = str(model.output_weight.dtype).removeprefix("torch.")
-    cfg = {**model.config.to_hf(), "torch_dtype": dtype, "dtype": dtype, "eos_token_id": tokenizer.stop_ids[0]}
-    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    (path / "config.json").unlink(missing_ok=True)  # over a checkpoint: not one until this save is whole
+    tokenizer.save(path)
     sd = {k: v.detach().to("cpu", copy=True) for k, v in hub_state_dict(model).items()}  # no shared storage
     with as_os_error(path / "model.safetensors"):
         save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
-    os.chmod(path / "model.safetensors", (path / "config.json").stat().st_mode)  # safetensors writes it private (0600)
+    os.chmod(path / "model.safetensors", (path / "tokenizer.json").stat().st_mode)  # safetensors writes it private
     if (index := path / "model.safetensors.index.json").is_file():  # a sharded checkpoint there: read before ours
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
@@ -444,9 +444,11 @@ def save(model: Transformer, tokenizer: "Tokenizer", path):
             if isinstance(f, str) and f == Path(f).name and f.endswith(".safetensors") and (path / f).is_file() \
                     and f != "model.safetensors":
                 (path / f).unlink()
-    tokenizer.save(path)
     gen = {"eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_id}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    dtype = str(model.output_weight.dtype).removeprefix("torch.")
+    cfg = {**model.config.to_hf(), "torch_dtype": dtype, "dtype": dtype, "eos_token_id": tokenizer.stop_ids[0]}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1891,10 +1891,13 @@ def test_a_full_disk_is_one_line(tmp_path, monkeypatch):
     def serializing(*a, **kw):
         raise modeling.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
+    modeling.save(student, tok, tmp_path / "ck")
     monkeypatch.setattr(modeling, "save_file", serializing)
     with pytest.raises(OSError) as e:
         modeling.save(student, tok, tmp_path / "ck")
     assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / "ck" / "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):  # a save cut short leaves no checkpoint behind
+        modeling.load(tmp_path / "ck")
     monkeypatch.undo()
     tok.tok = types.SimpleNamespace(save=lambda f: (_ for _ in ()).throw(Exception("No space left on device (os error "
                                                                                   "28)")))  # as tokenizers raises it
