@@ -32,6 +32,19 @@ ENDOFTEXT, IM_START, IM_END, THINK, END_THINK = "<|endoftext|>", "<|im_start|>",
 SYNC_EVERY = 16  # generate() looks at the host-side "all finished?" flag only every this many steps
 
 
+def read_json(file: Path) -> dict:
+    """A JSON object file of a checkpoint (config.json, tokenizer_config.json, ...); {} if there is none."""
+    if not file.is_file():
+        return {}
+    try:
+        d = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{file} is not a JSON object")
+    return d
+
+
 @dataclass
 class ModelConfig:
     model_type: str = "qwen3"  # 'qwen3' (q/k norm) | 'llama' (plain) | 'qwen2' (q/k/v bias); defaults: Qwen3-1.7B
@@ -64,12 +77,7 @@ class ModelConfig:
         file = Path(path) / "config.json"
         if not file.is_file():
             raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
-        try:
-            d = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file} is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{file} is not a JSON object")
+        d = read_json(file)
         sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim")  # the first five are required
         missing = [k for k in sizes[:5] if k not in d]
@@ -357,6 +365,8 @@ def check_checkpoint(path_or_name) -> tuple[Path, ModelConfig]:
         tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
     except Exception as e:  # the tokenizers library raises a bare Exception
         raise ValueError(f"{path / 'tokenizer.json'} is not a tokenizer: {e}") from None
+    for name in ("tokenizer_config.json", "generation_config.json"):  # optional, but valid where present
+        read_json(path / name)
     if (n := max(tok.get_vocab().values(), default=-1) + 1) > cfg.vocab_size:
         raise ValueError(f"{path / 'tokenizer.json'} has token ids up to {n - 1}, but config.json's vocab_size is "
                          f"{cfg.vocab_size}: the model has no embedding for the ids beyond")
@@ -444,7 +454,7 @@ def save(model: Transformer, tokenizer: "Tokenizer", path):
             if isinstance(f, str) and f == Path(f).name and f.endswith(".safetensors") and (path / f).is_file() \
                     and f != "model.safetensors":
                 (path / f).unlink()
-    gen = {"eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_id}
+    gen = {**tokenizer.generation, "eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_id}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
     dtype = str(model.output_weight.dtype).removeprefix("torch.")
     cfg = {**model.config.to_hf(), "torch_dtype": dtype, "dtype": dtype, "eos_token_id": tokenizer.stop_ids[0]}
@@ -463,10 +473,10 @@ class Tokenizer:
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in {path}")
         self.tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-        file = path / "tokenizer_config.json"
-        self.config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}  # kept as is for save()
+        self.config = read_json(path / "tokenizer_config.json")  # kept as is for save()
         file = path / "chat_template.jinja"  # where newer transformers keep the template: kept for save() too
         self.template = file.read_text(encoding="utf-8") if file.is_file() else None
+        self.generation = read_json(path / "generation_config.json")  # sampling defaults: save() keeps them too
 
         def named(key):  # tokenizer_config.json stores a token as a string or as {"content": ...}
             t = self.config.get(key)

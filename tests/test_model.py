@@ -281,8 +281,9 @@ def test_error_dtype(ckpt):
 
 
 def test_check_checkpoint_reads_headers_only(ckpt):
-    """check_checkpoint names a truncated weights file, a missing tokenizer, a stray or missing tensor and a
-    non-integer size without loading any weight; a good checkpoint passes."""
+    """check_checkpoint names a truncated weights file, a missing tokenizer, a stray or missing tensor, a non-integer
+    size and a malformed tokenizer_config.json or generation_config.json without loading any weight; a good
+    checkpoint passes."""
     assert M.check_checkpoint(ckpt) == (ckpt, M.ModelConfig.from_hf(ckpt))
     data = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(data[:-100])
@@ -305,6 +306,13 @@ def test_check_checkpoint_reads_headers_only(ckpt):
     with pytest.raises(ValueError, match="vocab_size, hidden_size must be integers$"):
         M.check_checkpoint(ckpt)
     (ckpt / "config.json").write_text(json.dumps(cfg))
+    for name, text, problem in (("tokenizer_config.json", "{bad", "is not valid JSON"),
+                                ("generation_config.json", "[1]", "is not a JSON object")):
+        good = (ckpt / name).read_text()
+        (ckpt / name).write_text(text)
+        with pytest.raises(ValueError, match=f"{name} {problem}"):
+            M.check_checkpoint(ckpt)
+        (ckpt / name).write_text(good)
     (ckpt / "tokenizer.json").write_text("garbage")
     with pytest.raises(ValueError, match="tokenizer.json is not a tokenizer"):
         M.check_checkpoint(ckpt)
@@ -678,7 +686,8 @@ def test_a_stop_token_as_the_last_allowed_token_counts_as_stopped(lm):
 def test_save_writes_bf16_and_the_chat_stop_tokens(tmp_path, tiny):
     """A bfloat16 model saves as a bfloat16 checkpoint (tensors and config dtype, as transformers reads it) that load
     accepts and reads back exactly; transformers reads <|im_end|> as its eos and both stop tokens from
-    generation_config.json (what lm-evaluation-harness generates with), and a chat_template.jinja is kept. Every file is as readable as the umask lets
+    generation_config.json (what lm-evaluation-harness generates with), and a chat_template.jinja and the sampling
+    defaults of a generation_config.json are kept. Every file is as readable as the umask lets
     a new file be (safetensors alone would write its weights private)."""
     model, tok = tiny
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
@@ -700,7 +709,10 @@ def test_save_writes_bf16_and_the_chat_stop_tokens(tmp_path, tiny):
     assert transformers.GenerationConfig.from_pretrained(path).eos_token_id == [im_end, endoftext]
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # kept where newer transformers keep it
     (path / "chat_template.jinja").write_text(template)
+    (path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_k": 20}))
     M.save(*M.load(path), tmp_path / "again")
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "again").chat_template == template
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "again")  # sampling defaults kept, stops ours
+    assert (gen.do_sample, gen.temperature, gen.top_k, gen.eos_token_id) == (True, 0.6, 20, [im_end, endoftext])
     M.save(model, tok, tmp_path / "again")  # a tokenizer without one leaves no stale template behind
     assert not (tmp_path / "again" / "chat_template.jinja").exists()
