@@ -506,9 +506,8 @@ class Tokenizer:
         """Render like Qwen3's chat template. thinking True/False: hybrid Qwen3 with enable_thinking True/False
         (False appends an empty think block to the generation prompt); None: Instruct-2507, which never thinks.
         Hybrid mode drops the reasoning of assistant turns before the last user message (with text content, not a
-        tool response), as the template does; an
-        assistant turn's reasoning is its `reasoning_content` if given, else the think block in its content. A content
-        that is not a string (None, a list of parts) renders empty, as in the template."""
+        tool response), as the template does; an assistant turn's reasoning is its `reasoning_content` if given, else
+        the think block in its content. A content that is not a string (None, a list of parts) renders empty."""
         tool = lambda c: c.startswith("<tool_response>") and c.endswith("</tool_response>")
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user" and isinstance(m.get("content"), str)
                          and not tool(m["content"])), default=len(messages) - 1)  # the template's last query
