@@ -122,9 +122,8 @@ def result_name(a, budget):
     defaults = games.ENVS[a.game]()
     game = a.game + "".join(f"-{k}{v}" for k, v in sorted(oel.game_settings(a.options).items())
                             if v != getattr(defaults, k))  # frozenlake-size4
-    limits = (f"_t{a.max_turns}" if a.max_turns != oel.OELConfig.max_turns else "") + \
-        (f"_m{a.max_new_tokens}" if a.max_new_tokens != oel.OELConfig.max_new_tokens else "") + \
-        (f"_b{a.rollout_batch}" if a.rollout_batch != oel.OELConfig.rollout_batch else "")
+    limits = "".join(f"_{c}{getattr(a, k)}" for c, k in (("t", "max_turns"), ("m", "max_new_tokens"),
+                     ("b", "rollout_batch")) if getattr(a, k) != getattr(oel.OELConfig, k))
     return f"{game}_{a.split}_n{a.n}_s{a.seed}_{chat}{limits}_{a.mode}{tag}"
 
 

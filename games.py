@@ -336,10 +336,10 @@ def make_textworld(kind: str, level: int, seed: int) -> str:
             raise NoLevel(f"TextWorld: no {kind} level {level} game could be generated from seed {seed}")
         textworld.generator.compile_game(game, options)
         os.replace(os.path.join(tmp, "game.json"), stem + ".json")  # the interpreter's wrapper reads it
-        os.replace(os.path.join(tmp, "game.z8"), stem + ".z8")  # last: its presence marks a complete game
+        os.replace(os.path.join(tmp, "game.z8"), path)  # last: its presence marks a complete game
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return stem + ".z8"
+    return path
 
 
 @dataclass

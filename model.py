@@ -80,14 +80,12 @@ class ModelConfig:
         d = read_json(file)
         sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim")  # the first five are required
-        missing = [k for k in sizes[:5] if k not in d]
         mt = d.get("model_type")
         if mt not in ARCHITECTURES:
             raise ValueError(f"unknown model_type {mt!r} in {file}; supported: {', '.join(ARCHITECTURES)}")
-        if missing:
+        if missing := [k for k in sizes[:5] if k not in d]:
             raise ValueError(f"{file} lacks {', '.join(missing)}")
-        wrong = [k for k in sizes if d.get(k) is not None and type(d[k]) is not int]
-        if wrong:
+        if wrong := [k for k in sizes if d.get(k) is not None and type(d[k]) is not int]:
             raise ValueError(f"{file}: {', '.join(wrong)} must be {'an integer' if len(wrong) == 1 else 'integers'}")
         layers = d["num_hidden_layers"]  # Qwen2: sliding window only from layer max_window_layers on
         sliding = (d.get("use_sliding_window") and d.get("max_window_layers", 0) < layers) \
@@ -390,8 +388,7 @@ def check_checkpoint(path_or_name) -> tuple[Path, ModelConfig]:
                     raise ValueError(f"shape mismatch for {k}: checkpoint has {tuple(x.get_shape())}, "
                                      f"config.json implies {expected[k]}")
                 found.add(k)
-    missing = [k for k in expected if k not in found]
-    if missing:
+    if missing := [k for k in expected if k not in found]:
         raise ValueError(f"{path} lacks {len(missing)} tensor(s) that config.json implies, e.g. {missing[0]}")
     return path, cfg
 
@@ -494,13 +491,14 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
     def save(self, path):
-        with as_os_error(Path(path) / "tokenizer.json"):
-            self.tok.save(str(Path(path) / "tokenizer.json"))
-        (Path(path) / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2))
+        path = Path(path)
+        with as_os_error(path / "tokenizer.json"):
+            self.tok.save(str(path / "tokenizer.json"))
+        (path / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2))
         if self.template is not None:
-            (Path(path) / "chat_template.jinja").write_text(self.template, encoding="utf-8")
+            (path / "chat_template.jinja").write_text(self.template, encoding="utf-8")
         else:  # another tokenizer's template there would be read instead of tokenizer_config.json's
-            (Path(path) / "chat_template.jinja").unlink(missing_ok=True)
+            (path / "chat_template.jinja").unlink(missing_ok=True)
 
     def chat(self, messages: list[dict], thinking: bool | None = False, add_generation_prompt=True) -> str:
         """Render like Qwen3's chat template. thinking True/False: hybrid Qwen3 with enable_thinking True/False
@@ -590,16 +588,14 @@ class DecodeStep:
     first use and replayed (one launch per step); on CPU it runs eagerly."""
 
     def __init__(self, model: Transformer, cache: KVCache):
-        self.model, self.cache = model, cache
-        self.spare_col = cache.S - 1  # never attended to: generate() sizes the cache one column larger
-        self.graph = None
+        self.model, self.cache, self.graph = model, cache, None
 
     def __call__(self, tok, col):
         if not tok.is_cuda:
             return decode_logits(self.model, self.cache, tok, col)
         if self.graph is None:  # warm-up (compilation) and recording run on static inputs that write the spare column
             fn = decode_logits_compiled if has_triton() else decode_logits
-            self.tok, self.col = tok.clone(), torch.full_like(col, self.spare_col)
+            self.tok, self.col = tok.clone(), torch.full_like(col, self.cache.S - 1)  # generate()'s spare one
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):

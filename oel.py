@@ -70,6 +70,7 @@ import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -136,11 +137,7 @@ def read_back(path, read=None, ok=lambda x: True, advice="repair it, or delete i
     Atomic writes never leave one damaged, but a copy or a hand edit can: that ends the run with a line naming the
     file, and `advice`."""
     try:
-        if read is not None:
-            value = read(path)
-        else:
-            with open(path, encoding="utf-8") as f:
-                value = json.load(f)
+        value = read(path) if read else json.loads(Path(path).read_text(encoding="utf-8"))
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, a malformed trajectory line
         raise SystemExit(f"error: {path} cannot be read back ({e}); {advice}") from None
     if not ok(value):  # e.g. a hand-edited pool.json that is not a list of texts
@@ -218,14 +215,14 @@ def seed_of(*parts) -> int:
     return int(hashlib.sha1("/".join(map(str, parts)).encode()).hexdigest()[:10], 16)
 
 
-def parse_items(text, limit=2):
-    """The first `limit` distinct experience lines of a response, thinking stripped, marker included."""
+def parse_items(text):
+    """The first 2 distinct experience lines of a response, thinking stripped, marker included."""
     items = []
     for line in modeling.strip_thinking(text).splitlines():
         line = line.strip()
         if line.startswith(MARKER) and line[len(MARKER):].strip():
             items.append(f"{MARKER} {line[len(MARKER):].strip()}")
-    return list(dict.fromkeys(items))[:limit]  # a repeat within the response is dropped, as one of old items is
+    return list(dict.fromkeys(items))[:2]  # a repeat within the response is dropped, as one of old items is
 
 
 def trim_knowledge(items, tok, budget):
@@ -255,11 +252,8 @@ def raw_context(trajs, tok, budget):
 
 
 def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
-    """K independent accumulations, advanced in lockstep (one batched generate per trajectory index).
-
-    Every version is saved as knowledge/r{r}_k{k}_{i}.md; existing versions are read back, not redone.
-    Returns the pool: K knowledge texts.
-    """
+    """The pool: K knowledge texts from K accumulations advanced in lockstep (one batched generate per trajectory
+    index). Every version is saved as knowledge/r{r}_k{k}_{i}.md; versions on disk are read back, not redone."""
     kdir = os.path.join(out_dir, "knowledge")
     os.makedirs(kdir, exist_ok=True)
     orders = accumulation_orders(cfg, r, len(trajs))
@@ -272,10 +266,8 @@ def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
             items = [[line for line in open(p, encoding="utf-8").read().splitlines() if line] for p in paths]
             reused += 1
             continue
-        prompts = []
-        for k in range(cfg.K):
-            msg = extraction_prompt(trajs[orders[k][i - 1]], "\n".join(items[k]), cfg.show_knowledge)
-            prompts.append(tok.user_ids(msg, cfg.thinking))
+        prompts = [tok.user_ids(extraction_prompt(trajs[order[i - 1]], "\n".join(known), cfg.show_knowledge),
+                                cfg.thinking) for order, known in zip(orders, items)]
         s = games.RolloutConfig()  # sampled as evaluation is: 0.7, top-p 0.8, top-k 20
         outs = modeling.generate(extractor, tok, prompts, max_new_tokens=cfg.extract_max_new_tokens,
                                  temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
@@ -309,9 +301,8 @@ class Sample:
 
 def sample_batch(student, tok, prompts, pool, cfg, step, r) -> list[Sample]:
     """The step's `batch_size` (game, state) prompts, each with a knowledge text drawn from the pool, and the
-    student's responses. A round's steps walk through one shuffle of all its prompts (cycling when they run out):
-    steps x batch_size samples from the turns of n_train games, each turn used steps x batch_size / turns times on
-    average (the paper's code trains each step on every turn of its own 64 deploy games: each turn once)."""
+    student's responses. A round's steps walk through one shuffle of all its prompts, cycling when they run out
+    (versus the paper's code: see this file's docstring)."""
     order = random.Random(seed_of(cfg.seed, r, "prompts")).sample(range(len(prompts)), len(prompts))  # round's shuffle
     picks = [prompts[order[(step * cfg.batch_size + i) % len(prompts)]] for i in range(cfg.batch_size)]
     rng = random.Random(seed_of(cfg.seed, r, "step", step))
@@ -326,11 +317,8 @@ def sample_batch(student, tok, prompts, pool, cfg, step, r) -> list[Sample]:
 
 
 def response_hidden(m, prompts, responses):
-    """Final hidden states at the positions that predict each response token, rows concatenated: [N,C].
-
-    prompts, responses: token lists; row i is prompts[i] + responses[i], right-padded, so plain causal
-    attention is exact for the real tokens.
-    """
+    """Final hidden states [N,C] at the positions that predict each response token, rows concatenated. Row i is
+    prompts[i] + responses[i] (token lists), right-padded: plain causal attention is exact for the real tokens."""
     seqs = [p + r for p, r in zip(prompts, responses)]
     idx = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)  # [B,T], right-padded with 0
     for i, s in enumerate(seqs):
@@ -340,11 +328,8 @@ def response_hidden(m, prompts, responses):
 
 
 def distill_loss(student, teacher, tok, batch, cfg):
-    """KL(student || teacher) summed over the response tokens of a micro-batch; also returns the token count.
-
-    batch: Samples. The student sees the state alone, the teacher the state with the knowledge; both score the
-    same response tokens.
-    """
+    """KL(student || teacher) summed over the response tokens of a micro-batch of Samples, and the token count.
+    The student sees the state alone, the teacher the state with the knowledge; both score the same tokens."""
     s_prompts = [b.prompt for b in batch]
     t_prompts = [tok.user_ids(games.user_prompt(b.game, b.state, b.knowledge), cfg.thinking) for b in batch]
     resp = [b.response for b in batch]
@@ -410,10 +395,8 @@ class OffloadedAdamW:
 
 
 def consolidate(student, teacher, tok, prompts, pool, cfg, state_path=None, r=0):
-    """On-policy context distillation for cfg.steps steps, in place on `student`. Returns per-step logs.
-
-    prompts: (game, state) pairs; pool: knowledge texts. Resumes from `state_path` when it exists.
-    """
+    """On-policy context distillation for cfg.steps steps, in place on `student`; returns per-step logs. prompts:
+    (game, state) pairs; pool: knowledge texts. Resumes from `state_path` when it exists."""
     teacher.eval().requires_grad_(False)
     if len(prompts) < cfg.batch_size:
         print(f"round {r} | warning: {len(prompts)} deploy turns for a --batch_size of {cfg.batch_size}: every step "
@@ -479,12 +462,10 @@ def rollout_cfg(cfg, deploy=False):
 
 def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, options=None, path=None, exclude=()):
     """Roll out n games of a named set (minus levels whose first observation is in `exclude`), `batch` at a time,
-    the contexts spread evenly over the games.
-
-    With `path`, the set is saved there as JSONL (and read back if present); each finished batch of games i..j-1 is
-    also saved to path.part{i}-{j} until the set is complete, so an interrupted run replays only the unfinished
-    batch, also with another `batch` (the later games are then played, and sampled, in batches of the new size).
-    """
+    the contexts spread evenly over the games. With `path`, the set is saved there as JSONL (and read back if
+    present); each finished batch of games i..j-1 is also saved to path.part{i}-{j} until the set is complete, so an
+    interrupted run replays only the unfinished batch, also with another `batch` (the later games are then played,
+    and sampled, in batches of the new size)."""
     if path and os.path.exists(path):
         print(f"{path} on disk, reused")
         for p in part_files(path).values():  # left by a run killed between saving the set and removing them
@@ -507,8 +488,7 @@ def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, option
             continue
         done, desc = [], what + (f" {b + 1}/{len(plan)}" if len(plan) > 1 else "")
         for k, ctx in enumerate(contexts):
-            group = envs[i:j][k :: len(contexts)]
-            if group:
+            if group := envs[i:j][k :: len(contexts)]:
                 done += games.rollout(m, tok, group, rcfg, knowledge=ctx or None, seed=seed_of(split, seed, i, k),
                                       desc=desc)
         if path:
@@ -568,8 +548,7 @@ def train_round(cfg, r, rdir, ckpt, device):
               f"the {len(exclude)} test boards: the deploy games include test levels")
         trajs = deploy(())
     stats = games.metrics(trajs)
-    tokens = metric_text("tokens", stats["tokens_per_turn"])
-    print(f"round {r} | deploy | pass {stats['pass_rate']:.3f} | tokens/turn {tokens}")
+    print(f"round {r} | deploy | pass {stats['pass_rate']:.3f} | tokens/turn {stats['tokens_per_turn']:.1f}")
     # 2. extract
     pool_path = os.path.join(rdir, "pool.json")
     if os.path.exists(pool_path):
@@ -679,8 +658,7 @@ def run(cfg, device="cpu"):
                 except modeling.CHECKPOINT_ERRORS as e:
                     raise SystemExit(f"error: {rdir}/model cannot be read back ({e}); delete the folder to redo "
                                      f"round {r}'s consolidation") from None
-                if os.path.exists(os.path.join(rdir, "consolidate.pt")):  # killed between saving the model and this
-                    os.remove(os.path.join(rdir, "consolidate.pt"))
+                Path(rdir, "consolidate.pt").unlink(missing_ok=True)  # killed between saving the model and this
             ckpt = os.path.join(rdir, "model")
         rows.append(evaluate_round(cfg, r, rdir, ckpt, device))  # 4. evaluate
         atomic_write(os.path.join(cfg.out_dir, "metrics.jsonl"), "".join(json.dumps(x) + "\n" for x in rows))

@@ -201,10 +201,11 @@ def observation_tokens(tok, game, options, split="test"):
 def checkpoint_or_exit(flag, path) -> tuple[Path, modeling.ModelConfig]:
     """model.check_checkpoint (config, tokenizer, weight headers; no weights read) with a one-line error: (directory,
     config)."""
-    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model", "config.json")):
+    has_config = os.path.isfile(os.path.join(path, "config.json"))
+    if not has_config and os.path.isfile(os.path.join(path, "model", "config.json")):
         raise SystemExit(f"error: {flag} {path} is a round folder of a train.py run; pass its checkpoint, "
                          f"{os.path.join(path, 'model')}")
-    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "base")):
+    if has_config and os.path.isdir(os.path.join(path, "base")):
         raise SystemExit(f"error: {flag} {path} is a train.py run folder; pass one of its checkpoints, e.g. "
                          f"{os.path.join(path, 'r0', 'model')}")
     try:
