@@ -1,4 +1,5 @@
 import copy
+import errno
 import json
 import os
 import re
@@ -137,6 +138,8 @@ def test_sharded_checkpoint(tmp_path, tiny):
         ours.output_weight.add_(1.0)
     M.save(torch.compile(ours), tok, tmp_path)  # over the sharded one (its shards would be read), compiled or not
     assert sorted(f.name for f in tmp_path.glob("model*")) == ["model.safetensors"]
+    with torch.no_grad():  # under the Hub's names, not the compile wrapper's _orig_mod. ones
+        assert torch.equal(M.load(tmp_path)[0](idx), ours(idx))
     for f in ("a.safetensors", "keep.txt", "model-1.safetensors"):  # an index naming files it must not delete
         (tmp_path / f).write_text("x")
     outside = tmp_path.parent / f"{tmp_path.name}-outside.safetensors"
@@ -154,6 +157,34 @@ def test_sharded_checkpoint(tmp_path, tiny):
     with torch.no_grad():
         assert torch.equal(M.load(tmp_path)[0](idx), ours(idx))
         assert (hf_logits(back, idx) - ours(idx)).abs().max().item() < 1e-5
+
+
+def test_save_over_an_unusual_index_keeps_its_weights(tmp_path, tiny):
+    """An index that names model.safetensors itself (some Hub repos map every tensor to it) or a non-string file is
+    removed without removing the weights save just wrote, and the save is a checkpoint."""
+    model, tok = tiny
+    for files in (["model.safetensors"], [1, None]):
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict(zip("ab", files))}))
+        M.save(model, tok, tmp_path)
+        assert not (tmp_path / "model.safetensors.index.json").exists()
+        assert torch.equal(M.load(tmp_path)[0].output_weight, model.output_weight)
+
+
+def test_save_names_the_os_error_a_writer_reports_and_passes_on_others(tmp_path, tiny, monkeypatch):
+    """safetensors' text for an OS error becomes that OSError (not always a full disk); any other error of it stays
+    what it is, and leaves no config.json behind."""
+    def failing(*args, **kwargs):
+        raise M.SafetensorError(text)
+
+    monkeypatch.setattr(M, "save_file", failing)
+    text = "Error while serializing: I/O error: Permission denied (os error 13)"
+    with pytest.raises(PermissionError) as e:
+        M.save(*tiny, tmp_path)
+    assert (e.value.errno, e.value.filename) == (errno.EACCES, str(tmp_path / "model.safetensors"))
+    text = "some other failure"
+    with pytest.raises(M.SafetensorError, match="^some other failure$"):
+        M.save(*tiny, tmp_path)
+    assert not (tmp_path / "config.json").exists()
 
 
 def test_rope_theta_from_either_key(tmp_path):
@@ -278,6 +309,9 @@ def test_error_dtype(ckpt):
     save_file(sd, ckpt / "model.safetensors")
     with pytest.raises(TypeError, match="model.norm.weight .* dtype F8_E4M3; expected F16, BF16, F32 or F64"):
         M.check_checkpoint(ckpt)
+    sd["model.norm.weight"] = sd["model.norm.weight"].double()  # F64 is a float type load reads
+    save_file(sd, ckpt / "model.safetensors")
+    M.load(ckpt)
 
 
 def test_check_checkpoint_reads_headers_only(ckpt):
@@ -307,9 +341,10 @@ def test_check_checkpoint_reads_headers_only(ckpt):
         M.check_checkpoint(ckpt)
     (ckpt / "config.json").write_text(json.dumps(cfg))
     for name, text, problem in (("tokenizer_config.json", "{bad", "is not valid JSON"),
-                                ("generation_config.json", "[1]", "is not a JSON object")):
+                                ("generation_config.json", "[1]", "is not a JSON object"),
+                                ("config.json", '{"note": "caf\xe9"}', "is not valid JSON")):  # Latin-1, not UTF-8
         good = (ckpt / name).read_text()
-        (ckpt / name).write_text(text)
+        (ckpt / name).write_bytes(text.encode("latin-1"))
         with pytest.raises(ValueError, match=f"{name} {problem}"):
             M.check_checkpoint(ckpt)
         (ckpt / name).write_text(good)
@@ -485,6 +520,8 @@ def test_generate_rejects_bad_requests(lm):
         M.generate(model, tok, [[1, 2], []], max_new_tokens=2)
     with pytest.raises(ValueError, match=r"prompt token id 1024 is outside the model's vocabulary \(0..1023\)"):
         M.generate(model, tok, [[1, 2], [3, 1024]], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"prompt token id -1 is outside the model's vocabulary"):
+        M.generate(model, tok, [[1, -1]], max_new_tokens=2)
     rows = torch.tensor(PROMPTS[:1] * 2)  # tensor rows are prompts too
     assert [c.tokens for c in M.generate(model, tok, rows, max_new_tokens=3, temperature=0)] == \
         [c.tokens for c in M.generate(model, tok, PROMPTS[:1] * 2, max_new_tokens=3, temperature=0)]
@@ -632,6 +669,14 @@ def test_chat_format(tiny):
     assert tok.chat(given, thinking=True, add_generation_prompt=False) == (
         "<|im_start|>user\n<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
         "<|im_end|>\n")
+    given = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>r</think>A"},
+             {"role": "user", "content": "x</tool_response>"}]  # not wrapped in tool tags: a query
+    assert tok.chat(given, thinking=True, add_generation_prompt=False).startswith(
+        "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n")
+    given = [{"role": "user", "content": "Q"},  # a reasoning_content leaves the content as it is
+             {"role": "assistant", "content": "<think>x</think>A", "reasoning_content": "R"}]
+    assert tok.chat(given, thinking=True, add_generation_prompt=False).endswith(
+        "<|im_start|>assistant\n<think>\nR\n</think>\n\n<think>x</think>A<|im_end|>\n")
     for last in (None, "<tool_response>x</tool_response>"):  # no query: the reasoning before it is kept
         given = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>r</think>A"},
                  {"role": "user", "content": last}]
@@ -709,7 +754,8 @@ def test_save_writes_bf16_and_the_chat_stop_tokens(tmp_path, tiny):
     assert transformers.GenerationConfig.from_pretrained(path).eos_token_id == [im_end, endoftext]
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # kept where newer transformers keep it
     (path / "chat_template.jinja").write_text(template)
-    (path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_k": 20}))
+    (path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_k": 20,
+                                                                "eos_token_id": 7, "pad_token_id": 7}))
     M.save(*M.load(path), tmp_path / "again")
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "again").chat_template == template
     gen = transformers.GenerationConfig.from_pretrained(tmp_path / "again")  # sampling defaults kept, stops ours

@@ -865,7 +865,10 @@ shutil.copytree(src, ckpt)
 for name in ("config.json", "tokenizer_config.json"):
     d = json.load(open(f"{ckpt}/{name}", encoding="utf-8"))
     open(f"{ckpt}/{name}", "w", encoding="utf-8").write(json.dumps({**d, "note": "caf\u00e9"}, ensure_ascii=False))
+open(f"{ckpt}/chat_template.jinja", "w", encoding="utf-8").write("{# caf\u00e9 #}")
 m, tok = modeling.load(ckpt)
+modeling.save(m, tok, f"{out}/again")  # the template is kept as UTF-8 too
+assert open(f"{out}/again/chat_template.jinja", encoding="utf-8").read() == "{# caf\u00e9 #}"
 oel.modeling.generate = lambda m, tok, prompts, **kw: [modeling.Completion([], lesson, [], True) for _ in prompts]
 cfg = oel.OELConfig(K=1, n=2)
 pool = oel.extract_pool(None, tok, [fake_trajectory(i) for i in range(2)], cfg, out, r=0)  # written
@@ -877,8 +880,9 @@ print("ok")
 
 
 def test_text_files_are_utf8_under_an_ascii_locale(tmp_path):
-    """Knowledge with non-ASCII text is written, resumed from and read by eval.py, and a checkpoint's JSON files with
-    UTF-8 text load, under a locale whose default encoding is ASCII (LC_ALL=C, no UTF-8 mode)."""
+    """Knowledge with non-ASCII text is written, resumed from and read by eval.py, and a checkpoint's JSON files and
+    chat template with UTF-8 text load and save, under a locale whose default encoding is ASCII (LC_ALL=C, no UTF-8
+    mode)."""
     env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONPATH": ROOT}
     res = subprocess.run([sys.executable, "-c", UTF8_SCRIPT, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                          text=True, encoding="utf-8")
@@ -1872,6 +1876,17 @@ def test_a_full_disk_is_one_line(tmp_path, monkeypatch):
                             "some space and rerun the same command; what was finished is kept")
     with pytest.raises(IsADirectoryError):  # not a full disk: the traceback stays
         train.cli(lambda: open(tmp_path, "w"))
+    with pytest.raises(SystemExit, match=f"^error: the disk is full [(]{os.strerror(errno.EDQUOT)}[)]: free"):
+        train.cli(lambda: (_ for _ in ()).throw(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))))  # over a quota
+
+    class FillsUp(io.BytesIO):  # room for the first bytes only: torch.save then raises a RuntimeError from the OSError
+        def write(self, b):
+            if self.tell() + len(b) > 100:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().write(b)
+
+    with pytest.raises(SystemExit, match="^error: the disk is full [(]No space left on device[)]: free"):
+        train.cli(lambda: torch.save({"x": torch.zeros(1000)}, FillsUp()))
 
     class Full(io.BytesIO):
         def write(self, b):
