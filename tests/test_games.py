@@ -1,3 +1,4 @@
+import hashlib
 import os
 import re
 import time
@@ -150,6 +151,30 @@ def test_seeds_reproducible_and_disjoint():
     assert len(test) == 128 and not test & train and not test & ood and not train & ood
 
 
+def test_sets_of_up_to_max_games_never_share_a_level_seed():
+    """Level seeds stay apart for whole sets of MAX_GAMES games, not only for small ones: the default deploy set (1280
+    games a round) of round 0 does not replay round 1's levels, nor the test set the train set's."""
+    seeds = {(split, s): {e.seed for e in make_games("frozenlake", split, games.MAX_GAMES, seed=s)}
+             for split in ("train", "test") for s in (0, 1)}
+    assert all(len(x) == games.MAX_GAMES for x in seeds.values())
+    assert not any(a & b for k, a in seeds.items() for j, b in seeds.items() if k < j)
+
+
+def test_held_out_levels_stay_the_same():
+    """The test levels a seed gives are fixed (the paper's 128 fixed levels): a change to level generation (the room
+    walk, the hole draw, the search) would silently compare runs on other levels, and a resumed run's rounds with its
+    base. The first test level of each game as drawn, and a digest of the 128 test boards."""
+    first = lambda game: [first_observation(e) for e in make_games(game, "test", 128)]
+    lake, room = first("frozenlake"), first("sokoban")
+    assert lake[0].startswith("Current Board:\n\n+-----+-----+-----+\n|  P  |     |  H  |\n+-----+-----+-----+\n"
+                              "|     |     |  H  |\n+-----+-----+-----+\n|     |     |  G  |\n")
+    assert room[0].startswith("Current Board:\n\n# # # # # #\n# O X _ # #\n# _ _ _ _ #\n# _ P # # #\n# _ # # # #\n"
+                              "# # # # # #\n")
+    digest = lambda obs: hashlib.sha1("\n\n".join(obs).encode()).hexdigest()
+    assert digest(lake) == "a9921e007637122dd85db5c8548d3463af2e2802"
+    assert digest(room) == "07da3110d34128bd2df4013a046af7d99df70f3a"
+
+
 def test_exclude_keeps_test_levels_out():
     """Sokoban levels of different seeds can coincide; make_games(exclude=...) replaces the ones that do by the
     set's next levels, so the deploy games never show a held-out test board."""
@@ -274,6 +299,13 @@ def test_user_prompt_knowledge_and_no_rules():
         assert with_k.startswith(f"{games.ENVS[game].instruction}\n\n{KNOWLEDGE_HEADING}")  # after the instruction
     assert "[go north]" in user_prompt("textworld", "x") and KNOWLEDGE_HEADING not in user_prompt("textworld", "x")
     assert f"{KNOWLEDGE_HEADING}\n- EXPERIENCE ITEM: look first." in user_prompt("textworld", "x", "- EXPERIENCE ITEM: look first.")
+
+
+def test_user_prompt_trims_the_knowledge_text():
+    """A knowledge text with blank lines around it (a hand-written knowledge file) shows as its lines alone, right
+    under the heading and one blank line above the game."""
+    prompt = user_prompt("frozenlake", "Observation 1:\nBOARD", "\n- EXPERIENCE ITEM: H is a hole.\n\n")
+    assert f"{KNOWLEDGE_HEADING}\n- EXPERIENCE ITEM: H is a hole.\n\n## Game so far\n" in prompt
 
 
 def test_textworld_walkthrough_wins(tmp_path, monkeypatch):

@@ -1607,6 +1607,31 @@ def test_sample_batch_draws_fresh_knowledge_each_step_and_round(tiny, monkeypatc
     assert oel.accumulation_orders(replace(cfg, K=2, n=8), 0, 16) != oel.accumulation_orders(replace(cfg, K=2, n=8), 1, 16)
 
 
+def test_accumulation_orders_depend_on_the_run_seed():
+    """Runs with another --seed (repeats for error bars) give their K accumulations other trajectories to read; a run
+    reproduces its own, each accumulation reading n distinct trajectories (all of them when fewer)."""
+    cfg = oel.OELConfig(K=3, n=8)
+    a, b = oel.accumulation_orders(cfg, 0, 40), oel.accumulation_orders(replace(cfg, seed=1), 0, 40)
+    assert a == oel.accumulation_orders(cfg, 0, 40) and all(len(set(o)) == len(o) == 8 for o in a + b)
+    assert all(x != y for x, y in zip(a, b))
+    assert all(sorted(o) == list(range(5)) for o in oel.accumulation_orders(cfg, 0, 5))
+
+
+def test_defaults_are_the_papers_cheapest_setting():
+    """The defaults are the setting the module docstring names (the paper's Qwen3-1.7B on FrozenLake 3x3): the
+    paper's learning rate, loss temperature, gradient clip, budget, pool and episode settings; train.py's flags take
+    them from here, so no other test pins them."""
+    cfg = oel.OELConfig()
+    assert (cfg.model, cfg.game, cfg.game_options, cfg.thinking, cfg.rounds) == \
+        ("Qwen/Qwen3-1.7B", "frozenlake", "", True, 2)
+    assert (cfg.n_test, cfg.max_turns, cfg.max_new_tokens) == (128, 5, 1024)
+    assert (cfg.K, cfg.n, cfg.knowledge_budget, cfg.show_knowledge, cfg.context) == (10, 15, 2048, False, "knowledge")
+    assert (cfg.steps, cfg.lr, cfg.weight_decay, cfg.grad_clip, cfg.kl_temperature, cfg.topk) == \
+        (20, 5e-6, 0.01, 1.0, 0.7, 0)
+    assert (games.FrozenLake().size, games.FrozenLake().holes) == (3, 2)
+    assert (games.Sokoban().size, games.Sokoban().boxes, games.Sokoban().max_moves) == (6, 1, 5)
+
+
 def test_consolidation_weights_tokens_not_micro_batches_and_clips(monkeypatch):
     """The gradient of a step averages over its tokens (responses of 2 to 8 here), so micro_batch (which may change
     on resume) does not change it; a tiny grad_clip shrinks the update (AdamW divides by the gradient's size: only
