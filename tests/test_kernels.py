@@ -107,6 +107,17 @@ def test_kl_torch_path_spans_its_row_chunks():
     assert abs(loss - loss64) / loss64 < 1e-5 and rel(grad, grad64) < 1e-5
 
 
+@pytest.mark.parametrize("reverse", [True, False])
+def test_kl_torch_path_keeps_float64_in_float64(reverse):
+    """float64 logits are worked on in float64 by the torch path: the gradient (float64, like the logits) is float64
+    autograd's to 1e-12, far below float32 math's ~1e-7; the loss is returned in float32."""
+    s, t = logits(5, 700, torch.float64)
+    mask = torch.tensor([1, 0, 1, 1, 1], dtype=torch.bool)
+    loss, grad = loss_and_grad(KL["torch"], s, t, mask, 0.7, reverse)
+    loss64, grad64 = loss_and_grad(kl64, s, t, mask, 0.7, reverse)
+    assert abs(loss - loss64) / loss64 < 1e-6 and rel(grad, grad64) < 1e-12
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_kl_identical_inputs_zero(impl):
     """KL(p || p) is zero with zero gradient, both directions."""

@@ -453,6 +453,38 @@ def test_stop_tokens_and_compaction(lm):
 
 
 @torch.no_grad()
+def test_duplicates_anywhere_and_log_probs_after_compaction(lm):
+    """A prompt repeated at places that are not adjacent gets its own greedy tokens in every row (each row reads its
+    own prompt's prefill), and the log-probs of rows still running after finished rows are compacted away stay with
+    their rows (they equal the uncached ones)."""
+    model, tok = lm
+    short = [[1, 10 + i, 20 + 3 * i] for i in range(8)]
+    prompts = [PROMPTS[0], *short[:4], PROMPTS[2], *short[4:], PROMPTS[0], PROMPTS[2]]
+    refs = [naive_greedy(model, p, 40) for p in prompts]
+    tok = copy.copy(tok)
+    tok.stop_ids = sorted({refs[i][0][3] for i in (1, 2, 3, 4, 6, 7, 8, 9)})  # the short rows end within 4 tokens
+    outs = M.generate(model, tok, prompts, max_new_tokens=40, temperature=0)
+    for (ref, ref_lp), out in zip(refs, outs):
+        n = next((i + 1 for i, x in enumerate(ref) if x in tok.stop_ids), len(ref))
+        assert out.tokens == ref[:n]
+        assert torch.allclose(torch.tensor(out.logprobs), torch.tensor(ref_lp[:n]), atol=1e-4)
+    lengths = [len(o.tokens) for o in outs]  # most rows done by step 16, others after it: the batch was compacted
+    assert sum(n <= M.SYNC_EVERY for n in lengths) >= len(prompts) // 2 and max(lengths) > M.SYNC_EVERY + 1
+
+
+def test_cache_mask_hides_pads_and_the_future_but_never_a_whole_row(lm):
+    """A prefill query sees its row's real keys up to itself, a decode query every written column of its row; a
+    left-pad query sees itself alone: a fully masked row gives NaN in some attention kernels, and the pads' values
+    would carry it to the real tokens."""
+    cache = M.KVCache(lm[0].config, torch.tensor([0, 2]), 8, torch.float32)
+    keys, causal, self_ = torch.arange(4), torch.ones(4, 4, dtype=torch.bool).tril(), torch.eye(4, dtype=torch.bool)
+    prefill = cache.mask(torch.arange(4))[:, 0]  # [B,T,T]
+    assert torch.equal(prefill[0], causal) and torch.equal(prefill[1], causal & (keys >= 2) | self_)
+    decode, cols = cache.mask(torch.tensor([5]))[:, 0, 0], torch.arange(8)  # [B,S]
+    assert torch.equal(decode, torch.stack([cols <= 5, (cols >= 2) & (cols <= 5)]))
+
+
+@torch.no_grad()
 def test_sampling(lm):
     """Sampling is reproducible per seed, top_k=1 is greedy, log-probs are those of softmax(logits / temperature)."""
     model, tok = lm
