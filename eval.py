@@ -15,14 +15,20 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
-import torch
+try:  # importing torch takes seconds: a Ctrl-C then ends with one line too
+    import torch
 
-import games
-import model as modeling
-import oel
-from train import check_game, checkpoint_or_exit, cli, observation_tokens, parse_bool_or_none, resolve_model, stop_on_ctrl_c
+    import games
+    import model as modeling
+    import oel
+    from train import (check_game, checkpoint_or_exit, cli, observation_tokens, parse_bool_or_none, resolve_model,
+                       stop_on_ctrl_c)
+except KeyboardInterrupt:
+    print("\ninterrupted", file=sys.stderr)
+    sys.exit(130)
 
 
 def contexts(mode, path, tok, budget, loaded=None):
@@ -53,6 +59,9 @@ def read_context(mode, path):
     if mode == "knowledge" and path.endswith(".jsonl"):
         raise SystemExit(f"error: --context {path} holds trajectories; use --mode raw, or pass knowledge "
                          "(.md, pool.json)")
+    if mode == "raw" and path.endswith((".md", ".txt", ".json")):
+        raise SystemExit(f"error: --context {path} holds knowledge; use --mode knowledge, or pass trajectories "
+                         "(a run's deploy.jsonl)")
     try:
         if mode == "raw":
             return games.load_trajectories(path)

@@ -27,11 +27,15 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
+try:  # importing torch takes seconds: a Ctrl-C then ends with one line too
+    import torch
 
-import games
-import model as modeling
-import oel
+    import games
+    import model as modeling
+    import oel
+except KeyboardInterrupt:
+    print("\ninterrupted", file=sys.stderr)
+    sys.exit(130)
 
 # --model tiny: sizes that run the whole loop on a CPU in under a minute (flags given explicitly still win)
 TINY_RUN = dict(out_dir="runs/tiny", n_train=8, n_test=8, n_ood=2, K=2, n=4, knowledge_budget=256, steps=4,

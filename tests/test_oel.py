@@ -400,6 +400,18 @@ def test_ctrl_c_before_any_work_is_one_line_and_leaves_no_half_built_preset(scri
     assert os.listdir(tmp_path / "cache") == []
 
 
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_ctrl_c_while_importing_is_one_line(script, tmp_path):
+    """Ctrl-C while the imports run (torch takes seconds; here a stand-in torch that is interrupted) ends with one
+    line and exit status 130, not an import traceback."""
+    (tmp_path / "torch.py").write_text("raise KeyboardInterrupt\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    res = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 130 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip() == "interrupted"
+
+
 def session_processes(sid):
     """Pids of the live processes in session sid (Linux /proc)."""
     pids = []
@@ -1174,9 +1186,11 @@ def test_eval_context_names_and_empty_contexts(tiny, tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit, match="holds no raw context"):
         evaluation.contexts("raw", str(tmp_path / "empty.jsonl"), tiny[1], 100)
     games.save_trajectories(tmp_path / "t.jsonl", [fake_trajectory(0)])
-    for mode, path, match in (("raw", "pool.json", "not a raw context file"), ("knowledge", "t.jsonl", "use --mode raw"),
+    for mode, path, match in (("raw", "pool.json", "holds knowledge; use --mode knowledge"),
+                              ("raw", "bad.jsonl", "not a raw context file"), ("knowledge", "t.jsonl", "use --mode raw"),
                               ("knowledge", "bad.json", None), ("raw", ".", "existing file")):
         (tmp_path / "bad.json").write_text(json.dumps(["x", 3]))
+        (tmp_path / "bad.jsonl").write_text(json.dumps(["x", 3]) + "\n")
         args = ["--model", "tiny", "--mode", mode, "--context", str(tmp_path / path)]
         if match is None:  # a .json knowledge file other than a list of texts
             match = "a .json knowledge file is a list of texts"
