@@ -1,6 +1,7 @@
 import hashlib
 import os
 import re
+import signal
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -222,7 +223,8 @@ def test_clear_errors(monkeypatch):
     for make in (lambda: FrozenLake(size=3, holes=5), lambda: Sokoban(size=4), lambda: Sokoban(boxes=0),
                  lambda: FrozenLake(size=65), lambda: Sokoban(size=65),  # larger ones would hang level search
                  lambda: Sokoban(min_moves=3, max_moves=2), lambda: Sokoban(max_moves=0), lambda: Sokoban(min_moves=-1),
-                 lambda: TextWorldGame(kind="zork"), lambda: TextWorldGame(level=7), lambda: TextWorldGame().reset(),
+                 lambda: TextWorldGame(kind="zork"), lambda: TextWorldGame(level=7), lambda: TextWorldGame(level=0),
+                 lambda: TextWorldGame().reset(),
                  lambda: make_games("frozenlake", "test", -1)):
         with pytest.raises(ValueError):
             make()
@@ -519,3 +521,139 @@ def test_rollout_records_a_lost_game_as_lost(monkeypatch):
     assert won.won and won.steps == winner.optimal and won.turns[-1].reward == 1.0
     assert not lost.won and lost.steps == 1 and lost.turns[0].reward == 0.0 and "hole" in lost.turns[0].feedback
     assert metrics([won, lost])["pass_rate"] == 0.5
+
+
+def test_textworld_generation_retries_other_seeds_then_raises_nolevel(tmp_path, monkeypatch):
+    """A map that cannot hold the quest is retried from another derived seed; after 10 failed tries make_textworld
+    raises NoLevel (train.py and eval.py print its message) and leaves nothing in the cache."""
+    import textworld.challenges
+    from textworld.generator import QuestGenerationError
+
+    monkeypatch.setenv("OEL_CACHE", str(tmp_path))
+    seeds = []
+
+    def cannot(settings, options):
+        seeds.append(str(options.seeds))  # the seeds of the map, objects, quest, ... (a dict)
+        raise QuestGenerationError("no room for the quest")
+
+    desc, _, parser = textworld.challenges.CHALLENGES["tw-coin_collector"]
+    monkeypatch.setitem(textworld.challenges.CHALLENGES, "tw-coin_collector", (desc, cannot, parser))
+    with pytest.raises(games.NoLevel, match="no coin_collector level 1 game could be generated from seed 5"):
+        games.make_textworld("coin_collector", 1, 5)
+    assert len(seeds) == len(set(seeds)) == 10
+    assert os.listdir(tmp_path / "textworld") == []  # no temporary folder left
+
+
+def test_textworld_game_is_marked_complete_only_when_whole(tmp_path, monkeypatch):
+    """The .z8 file, whose presence tells the cache a game exists, is moved into place after the .json the interpreter
+    also reads: a crash between the two leaves no game that looks complete, so the next call generates it again."""
+    import textworld.challenges
+    import textworld.generator
+
+    monkeypatch.setenv("OEL_CACHE", str(tmp_path))
+    desc, _, parser = textworld.challenges.CHALLENGES["tw-coin_collector"]
+    monkeypatch.setitem(textworld.challenges.CHALLENGES, "tw-coin_collector",
+                        (desc, lambda settings, options: None, parser))
+
+    def compile_game(game, options):  # stands in for the real (slow) compilation
+        for ext in (".z8", ".json"):
+            open(options.path.removesuffix(".z8") + ext, "w").close()
+
+    monkeypatch.setattr(textworld.generator, "compile_game", compile_game)
+    real = os.replace
+
+    def crash_on_second(src, dst):
+        if moved:
+            raise OSError("crashed")
+        moved.append(dst)
+        real(src, dst)
+
+    moved = []
+    monkeypatch.setattr(games.os, "replace", crash_on_second)
+    with pytest.raises(OSError, match="crashed"):
+        games.make_textworld("coin_collector", 1, 5)
+    monkeypatch.setattr(games.os, "replace", real)
+    assert not os.path.exists(games.textworld_file("coin_collector", 1, 5))
+    assert games.make_textworld("coin_collector", 1, 5) == games.textworld_file("coin_collector", 1, 5)
+    assert sorted(os.listdir(tmp_path / "textworld")) == [f"coin_collector-level1-s5{ext}" for ext in (".json", ".z8")]
+
+
+def test_textworld_reset_switches_levels_and_every_interpreter_is_closed(tmp_path, monkeypatch):
+    """reset(seed) plays that level, also on a game that played another; an invalid action's feedback lists the
+    commands it points to; observations are the game's text without its runs of blank lines, nor the interpreter's
+    prompt and status line (room, score); each interpreter started is closed again: by the next reset, when the game
+    ends (after which step raises) and by first_observation."""
+    import textworld
+
+    monkeypatch.setenv("OEL_CACHE", str(tmp_path))
+    for seed in (5, 6):  # generated first: generation starts interpreters of its own
+        games.make_textworld("coin_collector", 1, seed)
+    started, closed, real = [], [], textworld.start
+
+    def start(*args, **kwargs):
+        env = real(*args, **kwargs)
+        close = env.close
+        env.close = lambda: closed.append(env) or close()
+        started.append(env)
+        return env
+
+    monkeypatch.setattr(textworld, "start", start)
+    env = TextWorldGame(kind="coin_collector", level=1)
+    first = env.reset(5)
+    other = env.reset(6)
+    assert other != first and env.seed == 6 and started[0] in closed and started[1] not in closed
+    commands = other[other.index("\n\nAvailable commands: ["):]
+    obs, reward, done, _ = env.step("restart")
+    assert obs == f"Invalid action [restart]. Valid actions: the commands listed below.{commands}" and not done
+    assert "\n\n\n" not in other and env.step("inventory")[0] == f"You are carrying nothing.{commands}"
+    results = play(env, env.solve())
+    assert results[-1][2] and results[-1][3]["won"] and started[1] in closed
+    with pytest.raises(RuntimeError, match="the game is over"):
+        env.step("look")
+    assert first_observation(TextWorldGame(kind="coin_collector", level=1, seed=5)) == first
+    assert all(e in closed for e in started) and len(started) == 3
+
+
+def test_textworld_file_names_each_setting_as_documented(tmp_path, monkeypatch):
+    """Each (kind, level, seed) has its own cache file, named after its settings (a flag by its name alone): a renamed
+    file would orphan every game already generated."""
+    monkeypatch.setenv("OEL_CACHE", str(tmp_path))
+    name = "cooking-recipe1-take1-open-cook-s5.z8"
+    assert games.textworld_file("cooking", 3, 5) == str(tmp_path / "textworld" / name)
+    names = {games.textworld_file(kind, level, seed) for kind in games.TW_LEVELS for level in (1, 2, 3)
+             for seed in (5, 6)}
+    assert len(names) == 18
+
+
+def test_pregenerate_gives_the_uncached_games_to_a_worker_per_core(tmp_path, monkeypatch):
+    """pregenerate hands the TextWorld games the cache lacks (not the cached ones, nor other games) to as many worker
+    processes as there are cores, and the workers ignore Ctrl-C: a terminal sends it to the whole process group, and
+    the parent alone stops the run (workers interrupted mid-game would print tracebacks)."""
+    monkeypatch.setenv("OEL_CACHE", str(tmp_path))
+    envs = [TextWorldGame(kind="coin_collector", level=1, seed=s) for s in range(5)]
+    envs += make_games("frozenlake", "test", 2)
+    os.makedirs(tmp_path / "textworld")
+    open(games.textworld_file("coin_collector", 1, 1), "w").close()  # cached
+    calls, real = [], games.ProcessPoolExecutor
+
+    class Pool:  # records what a pool would do, generates nothing
+        def __init__(self, workers, **kwargs):
+            calls.append((workers, kwargs))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def map(self, fn, *args):
+            calls.append((fn, list(zip(*args))))
+            return []
+
+    monkeypatch.setattr(games, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(games.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    games.pregenerate(envs)
+    (workers, kwargs), (fn, specs) = calls
+    assert workers == 3 and fn is games.make_textworld and specs == [("coin_collector", 1, s) for s in (0, 2, 3, 4)]
+    with real(1, **kwargs) as pool:  # a worker as pregenerate starts it
+        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
