@@ -443,7 +443,9 @@ def consolidate(student, teacher, tok, prompts, pool, cfg, state_path=None, r=0)
         tqdm.write(f"round {r} | step {step + 1:03d}/{cfg.steps} | kl {shown:.4f} | grad {norm:.3f} "
                    f"| tok {n_total / len(batch):.0f}/resp | {logs[-1]['ms']:.0f} ms")
         if state_path and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            with open(f"{state_path}.tmp", "wb") as f:  # a Python file: a full disk raises OSError (a path: RuntimeError)
+            # to a Python file, not a path: a full disk's OSError then shows, as is or as the context of torch's
+            # RuntimeError (a write after the first failed); a path hides it
+            with open(f"{state_path}.tmp", "wb") as f:
                 torch.save({"model": student.state_dict(), "opt": opt.state_dict(), "step": step + 1, "logs": logs}, f)
             os.replace(f"{state_path}.tmp", state_path)
     student.eval()
