@@ -6,7 +6,7 @@ model of Qwen3-1.7B's exact shape in bf16: greedy, fixed-length prompts, no earl
     python bench/generate.py --tiny             # CPU smoke run at a tiny shape
     python bench/generate.py --profile          # the kernels of one batch-1 decode step
     python bench/generate.py --no-hf --cdt      # experiment: also time the step compiled with coordinate descent tuning
-    python bench/generate.py --prev OLD.py      # also time another version of model.py (see --help), same weights
+    python bench/generate.py --other .ab/m.py   # also time another version of model.py (see --help), same weights
 
 prefill = time of a 1-token generate call; decode tok/s = B * (N - 1) / (time(N tokens) - prefill).
 Targets on one H100: >= 500 tok/s at B=1 and >= 7,600 tok/s at B=64.
@@ -91,8 +91,8 @@ def main():
     p.add_argument("--profile", action="store_true", help="only profile one batch-1 decode step")
     p.add_argument("--cdt", action="store_true", help="also time (or --profile) ours compiled with inductor's "
                    "coordinate descent tuning, which turns batch-1 matmuls into tuned Triton reductions")
-    p.add_argument("--prev", metavar="MODEL_PY", help="also time this model.py, e.g. the one before the stacked "
-                   "projections: `mkdir -p .ab && git show 8594654:model.py > .ab/model_prev.py` (carry .ab)")
+    p.add_argument("--other", metavar="MODEL_PY", help="also time this version of model.py, e.g. an older one: "
+                   "`mkdir -p .ab && git show REV:model.py > .ab/model_REV.py` (.ab is git-ignored: carry it)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg, dtype = QWEN3_1_7B, torch.bfloat16
@@ -124,15 +124,17 @@ def main():
     else:  # the experiment leaves out the uncompiled step, to fit one GPU call
         systems["ours cdt"] = lambda idx, n: ours_run(idx, n, cdt)
         print(f"coordinate descent tuning: greedy tokens {same_tokens(systems['ours cdt'])}")
-    if args.prev:
-        spec = importlib.util.spec_from_file_location("model_prev", args.prev)
-        P = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(P)
+    if args.other:
+        name = Path(args.other).stem
+        spec = importlib.util.spec_from_file_location(name, args.other)
+        O = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(O)
         with torch.device(device):
-            prev = P.Transformer(P.ModelConfig(**asdict(cfg))).to(dtype).eval()
-        prev.load_state_dict(M.hub_state_dict(ours))  # the Hub's names: the older layout's own
-        systems["prev"] = lambda idx, n: P.generate(prev, NoStop(), idx.tolist(), max_new_tokens=n, temperature=0)
-        print(f"{args.prev}: greedy tokens {same_tokens(systems['prev'])}")
+            other = O.Transformer(O.ModelConfig(**asdict(cfg))).to(dtype).eval()
+        sd = ours.state_dict()  # same weights, in its layout: ours, or the Hub's (separate projections)
+        other.load_state_dict(sd if set(sd) == set(other.state_dict()) else M.hub_state_dict(ours))
+        systems[name] = lambda idx, n: O.generate(other, NoStop(), idx.tolist(), max_new_tokens=n, temperature=0)
+        print(f"{args.other}: greedy tokens {same_tokens(systems[name])}")
     if not args.no_hf:
         import transformers
         hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
