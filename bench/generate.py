@@ -112,8 +112,8 @@ def main():
         finally:
             M.decode_logits_compiled = saved
 
-    def same_tokens(run):  # greedy tokens of run against ours, on fresh prompts
-        idx = torch.randint(0, cfg.vocab_size, (2, 16), device=device)
+    def same_tokens(run):  # greedy tokens of run against ours, on fresh prompts (the first batch size: one compile)
+        idx = torch.randint(0, cfg.vocab_size, (args.batch[0], 16), device=device)
         with torch.no_grad():
             same = [c.tokens for c in ours_run(idx, 8)] == [c.tokens for c in run(idx, 8)]
         return "equal" if same else "DIFFER (bf16 rounding?)"
