@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ENDOFTEXT, IM_START, IM_END, THINK, END_THINK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"
 SYNC_EVERY = 16  # generate() looks at the host-side "all finished?" flag only every this many steps
+MIN_TEMPERATURE = 1e-5  # sampling below it is greedy in effect, and logits / temperature can overflow: use 0
 
 
 def read_json(file: Path) -> dict:
@@ -624,9 +625,9 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]],
         raise ValueError(f"prompt token id {bad[0]} is outside the model's vocabulary (0..{V - 1})")
     if max_new_tokens < 1 or not all(prompts):
         raise ValueError(f"generate needs max_new_tokens >= 1 (got {max_new_tokens}) and non-empty prompts")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"generate needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, "
-                         f"{top_p}, {top_k}")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf) or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"generate needs temperature 0 (greedy) or in [{MIN_TEMPERATURE}, inf), 0 < top_p <= 1 and "
+                         f"top_k >= 0; got {temperature}, {top_p}, {top_k}")
     device, dtype = model.output_weight.device, model.output_weight.dtype
     if torch.is_autocast_enabled(device.type):  # the cached K/V come out in the autocast dtype
         dtype = torch.get_autocast_dtype(device.type)

@@ -107,6 +107,8 @@ def check_settings(cfg):
                          "of the round's deploy games")
     if not all(0 < x < math.inf for x in (cfg.lr, cfg.kl_temperature, cfg.grad_clip)):  # NaN fails too
         raise SystemExit("error: --lr, --kl_temperature and --grad_clip must be finite and > 0")
+    if cfg.kl_temperature < modeling.MIN_TEMPERATURE:  # the student samples at it too
+        raise SystemExit(f"error: --kl_temperature must be >= {modeling.MIN_TEMPERATURE}, the lowest sampling temperature")
     if cfg.context not in ("knowledge", "raw"):
         raise SystemExit(f"error: --context must be 'knowledge' or 'raw', got {cfg.context!r}")
     if cfg.context == "raw" and cfg.extractor:

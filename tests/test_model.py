@@ -613,8 +613,11 @@ def test_generate_under_autocast_and_in_training_mode(lm, autocast_policy):
     train = copy.deepcopy(model).train()
     train.gradient_checkpointing = True
     assert [o.tokens for o in M.generate(train, tok, PROMPTS, max_new_tokens=12, temperature=0)] == [o.tokens for o in ref]
-    for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1)):
-        with pytest.raises(ValueError, match="temperature >= 0"):
+    low = M.generate(model, tok, PROMPTS, max_new_tokens=12, temperature=M.MIN_TEMPERATURE)  # the lowest: greedy in effect
+    assert [o.tokens for o in low] == [o.tokens for o in ref] and max(abs(x) for o in low for x in o.logprobs) < 1e-3
+    for bad in (dict(temperature=-1.0), dict(temperature=1e-40), dict(temperature=float("nan")),
+                dict(temperature=float("inf")), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1)):
+        with pytest.raises(ValueError, match=r"temperature 0 \(greedy\) or in \[1e-05, inf\)"):
             M.generate(model, tok, PROMPTS, max_new_tokens=2, **bad)
 
 

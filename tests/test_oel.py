@@ -475,6 +475,9 @@ def test_train_rejects_bad_settings(tmp_path, capsys):
     for flag, value in (("--lr", "0"), ("--kl_temperature", "0"), ("--lr", "nan"), ("--lr", "inf"), ("--grad_clip", "nan")):
         with pytest.raises(SystemExit, match="must be finite and > 0"):
             train.check_settings(train.parse_args(["--model", "tiny", flag, value]))
+    with pytest.raises(SystemExit, match="--kl_temperature must be >= 1e-05"):  # generate's lowest: it samples at it
+        train.check_settings(train.parse_args(["--model", "tiny", "--kl_temperature", "1e-40"]))
+    train.check_settings(train.parse_args(["--model", "tiny", "--kl_temperature", "1e-5"]))
     with pytest.raises(SystemExit, match="--context must be 'knowledge' or 'raw'"):
         train.check_settings(train.parse_args(["--model", "tiny", "--context", "raws"]))
     with pytest.raises(SystemExit, match="unknown game 'chess'"):
