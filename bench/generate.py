@@ -127,13 +127,13 @@ def main():
     if args.other:
         name = Path(args.other).stem
         spec = importlib.util.spec_from_file_location(name, args.other)
-        O = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(O)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
         with torch.device(device):
-            other = O.Transformer(O.ModelConfig(**asdict(cfg))).to(dtype).eval()
+            other = mod.Transformer(mod.ModelConfig(**asdict(cfg))).to(dtype).eval()
         sd = ours.state_dict()  # same weights, in its layout: ours, or the Hub's (separate projections)
         other.load_state_dict(sd if set(sd) == set(other.state_dict()) else M.hub_state_dict(ours))
-        systems[name] = lambda idx, n: O.generate(other, NoStop(), idx.tolist(), max_new_tokens=n, temperature=0)
+        systems[name] = lambda idx, n: mod.generate(other, NoStop(), idx.tolist(), max_new_tokens=n, temperature=0)
         print(f"{args.other}: greedy tokens {same_tokens(systems[name])}")
     if not args.no_hf:
         import transformers
