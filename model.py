@@ -46,6 +46,9 @@ def read_json(file: Path) -> dict:
     return d
 
 
+LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
 @dataclass
 class ModelConfig:
     model_type: str = "qwen3"  # 'qwen3' (q/k norm) | 'llama' (plain) | 'qwen2' (q/k/v bias); defaults: Qwen3-1.7B
@@ -67,6 +70,10 @@ class ModelConfig:
         if self.model_type not in ARCHITECTURES:
             raise ValueError(f"unknown model_type {self.model_type!r}; supported: {', '.join(ARCHITECTURES)}")
         self.attention_bias = self.attention_bias or self.model_type == "qwen2"
+        r = self.rope_scaling
+        if r is not None and (r.get("rope_type", r.get("type")) != "llama3" or any(k not in r for k in LLAMA3_ROPE)):
+            raise ValueError(f"rope_scaling must be None or Llama 3's: rope_type 'llama3' and "
+                             f"{', '.join(LLAMA3_ROPE)}; got {r}")
 
     @property
     def qk_norm(self) -> bool:  # per-head RMSNorm on queries and keys: Qwen3's alone
@@ -88,18 +95,18 @@ class ModelConfig:
             raise ValueError(f"{file} lacks {', '.join(missing)}")
         if wrong := [k for k in sizes if d.get(k) is not None and type(d[k]) is not int]:
             raise ValueError(f"{file}: {', '.join(wrong)} must be {'an integer' if len(wrong) == 1 else 'integers'}")
-        layers = d["num_hidden_layers"]  # Qwen2: sliding window only from layer max_window_layers on
-        sliding = (d.get("use_sliding_window") and d.get("max_window_layers", 0) < layers) \
-            or "sliding_attention" in (d.get("layer_types") or [])
+        # Qwen2/3 as transformers reads them: layer_types if given, else layers from max_window_layers on slide
+        window = d.get("sliding_window", 4096) if d.get("use_sliding_window") else None
+        sliding = mt != "llama" and ("sliding_attention" in d["layer_types"] if d.get("layer_types") else
+                                     window is not None and d.get("max_window_layers", 28) < d["num_hidden_layers"])
         if d.get("hidden_act", "silu") != "silu" or d.get("mlp_bias") or sliding:
             raise NotImplementedError(f"{file}: only SiLU MLPs without bias and full attention are implemented")
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})  # newer transformers: rope_parameters
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise NotImplementedError(f"{file}: rope_type {rope_type!r} is not implemented (default, llama3 are)")
-        llama3 = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        if rope_type == "llama3" and any(k not in rope for k in llama3):
-            raise ValueError(f"{file}: llama3 rope scaling needs {', '.join(llama3)}; got {sorted(rope)}")
+        if rope_type == "llama3" and any(k not in rope for k in LLAMA3_ROPE):
+            raise ValueError(f"{file}: llama3 rope scaling needs {', '.join(LLAMA3_ROPE)}; got {sorted(rope)}")
         H = d["num_attention_heads"]
         return cls(
             model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
@@ -107,7 +114,7 @@ class ModelConfig:
             num_attention_heads=H, num_key_value_heads=d.get("num_key_value_heads") or H,
             head_dim=d.get("head_dim") or (128 if mt == "qwen3" else d["hidden_size"] // H),  # transformers' defaults
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),  # transformers: rope_parameters
             rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} if rope_type == "llama3" else None,
             max_position_embeddings=d.get("max_position_embeddings", 32768),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
@@ -296,9 +303,10 @@ def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: model.safetensors, or the shards its index lists."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no weight_map")
+        weight_map = read_json(index).get("weight_map")
+        named = lambda f: isinstance(f, str) and Path(f).name == f and f not in ("", ".", "..")  # a file in path
+        if not isinstance(weight_map, dict) or not all(named(f) for f in weight_map.values()):
+            raise ValueError(f"{index} has no weight_map of tensor names to file names in {path}")
         files = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
@@ -375,7 +383,11 @@ def check_checkpoint(path_or_name) -> tuple[Path, ModelConfig]:
     expected = hub_shapes(cfg)
     found = set()
     for f in weight_files(path):
-        with safe_open(f, "pt") as sf:  # reads the header only (and checks the file is as long as it says)
+        try:
+            sf = safe_open(f, "pt")  # reads the header only (and checks the file is as long as it says)
+        except SafetensorError as e:
+            raise ValueError(f"{f} is not a safetensors file: {e}") from None
+        with sf:
             for k in sf.keys():
                 x = sf.get_slice(k)
                 if unused(k, cfg):
@@ -481,6 +493,8 @@ class Tokenizer:
             return t["content"] if isinstance(t, dict) else t
 
         ids = [self.tok.token_to_id(t) for t in (IM_END, ENDOFTEXT, named("eos_token")) if t]
+        eos = self.generation.get("eos_token_id")  # an id or a list of them
+        ids += [i for i in (eos if isinstance(eos, list) else [eos]) if type(i) is int]
         self.stop_ids = list(dict.fromkeys(i for i in ids if i is not None))  # generation stops on any of these
         pads = [self.tok.token_to_id(t) for t in (named("pad_token"), ENDOFTEXT) if t]
         self.pad_id = next((i for i in pads if i is not None), self.stop_ids[0] if self.stop_ids else 0)
@@ -507,6 +521,8 @@ class Tokenizer:
         Hybrid mode drops the reasoning of assistant turns before the last user message (with text content, not a
         tool response), as the template does; an assistant turn's reasoning is its `reasoning_content` if given, else
         the think block in its content. A content that is not a string (None, a list of parts) renders empty."""
+        if bad := [m.get("role") for m in messages if m.get("role") not in ("system", "user", "assistant")]:
+            raise ValueError(f"chat renders system, user and assistant turns, not role {bad[0]!r} (no tool calls)")
         tool = lambda c: c.startswith("<tool_response>") and c.endswith("</tool_response>")
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user" and isinstance(m.get("content"), str)
                          and not tool(m["content"])), default=len(messages) - 1)  # the template's last query

@@ -188,11 +188,17 @@ def test_save_names_the_os_error_a_writer_reports_and_passes_on_others(tmp_path,
 
 
 def test_rope_theta_from_either_key(tmp_path):
-    """rope_theta is read from the top-level key (older configs) or from rope_parameters (newer transformers)."""
+    """rope_theta is read from the top-level key (older configs) or from rope_parameters (newer transformers), which
+    wins when both are there, as in transformers; rope scaling other than Llama 3's is refused, also in code."""
     base = {"model_type": "qwen3", **SMALL}
-    for extra in ({"rope_theta": 12345.0}, {"rope_parameters": {"rope_type": "default", "rope_theta": 12345.0}}):
+    for extra in ({"rope_theta": 12345.0}, {"rope_parameters": {"rope_type": "default", "rope_theta": 12345.0}},
+                  {"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 12345.0}}):
         (tmp_path / "config.json").write_text(json.dumps({**base, **extra}))
         assert M.ModelConfig.from_hf(tmp_path).rope_theta == 12345.0
+    assert transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters["rope_theta"] == 12345.0
+    for scaling in ({"rope_type": "default"}, {"rope_type": "linear", "factor": 2.0}, {"rope_type": "llama3"}):
+        with pytest.raises(ValueError, match="rope_scaling must be None or Llama 3's"):
+            M.ModelConfig(rope_scaling=scaling)
     (tmp_path / "config.json").write_text(json.dumps({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
     with pytest.raises(NotImplementedError, match="yarn"):
         M.ModelConfig.from_hf(tmp_path)
@@ -206,8 +212,9 @@ def test_rope_theta_from_either_key(tmp_path):
 
 
 def test_config_errors_name_the_problem(tmp_path):
-    """Invalid JSON, missing keys and incomplete llama3 rope scaling are named at load; a Qwen2 config whose sliding
-    window starts after the last layer is full attention (as in transformers) and loads."""
+    """Invalid JSON, missing keys and incomplete llama3 rope scaling are named at load; a config with a sliding window
+    is refused exactly when transformers gives one of its layers sliding attention (e.g. a Qwen2 config whose
+    window starts after the last layer, or whose window is null, is full attention and loads)."""
     file = tmp_path / "config.json"
     for text, match in (("{oops", "not valid JSON"), (json.dumps({"model_type": "qwen3"}), "lacks vocab_size"),
                         (json.dumps({"model_type": "llama", **SMALL, "rope_scaling": {"rope_type": "llama3",
@@ -215,15 +222,22 @@ def test_config_errors_name_the_problem(tmp_path):
         file.write_text(text)
         with pytest.raises(ValueError, match=match):
             M.ModelConfig.from_hf(tmp_path)
-    qwen2 = {"model_type": "qwen2", **SMALL, "use_sliding_window": True, "max_window_layers": 2}
-    file.write_text(json.dumps(qwen2))
-    assert M.ModelConfig.from_hf(tmp_path).num_hidden_layers == 2
-    file.write_text(json.dumps({**qwen2, "max_window_layers": 1}))
-    with pytest.raises(NotImplementedError, match="full attention"):
-        M.ModelConfig.from_hf(tmp_path)
-    file.write_text(json.dumps({"model_type": "qwen3", **SMALL, "layer_types": ["full_attention", "sliding_attention"]}))
-    with pytest.raises(NotImplementedError, match="full attention"):  # newer configs name each layer's attention
-        M.ModelConfig.from_hf(tmp_path)
+    full, one_slides = ["full_attention"] * 2, ["full_attention", "sliding_attention"]
+    for model_type, extra in [("qwen2", {"use_sliding_window": True, "max_window_layers": 2}),
+                              ("qwen2", {"use_sliding_window": True, "max_window_layers": 1}),
+                              ("qwen2", {"use_sliding_window": True, "sliding_window": None, "max_window_layers": 0}),
+                              ("qwen3", {"use_sliding_window": True, "sliding_window": 8}),  # from layer 28 on
+                              ("qwen3", {"use_sliding_window": True, "max_window_layers": 0, "layer_types": full}),
+                              ("qwen3", {"use_sliding_window": False, "max_window_layers": 0}),
+                              ("qwen3", {"layer_types": one_slides}),
+                              ("llama", {"use_sliding_window": True, "max_window_layers": 0})]:  # Llama never slides
+        file.write_text(json.dumps({"model_type": model_type, **SMALL, **extra}))
+        types = getattr(transformers.AutoConfig.from_pretrained(tmp_path), "layer_types", None) or full
+        if "sliding_attention" in types:
+            with pytest.raises(NotImplementedError, match="full attention"):
+                M.ModelConfig.from_hf(tmp_path)
+        else:
+            assert M.ModelConfig.from_hf(tmp_path).num_hidden_layers == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,6 +307,23 @@ def test_error_missing_shard(tmp_path, tiny):
     shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=f"shard {shard.name} .* missing"):
+        M.load(tmp_path)
+
+
+def test_error_malformed_index_or_weights(tmp_path, tiny):
+    """An index that is not JSON, not an object, or maps tensors to anything but file names in the checkpoint folder
+    (null, ../x) is named, as is a model.safetensors that is not one: errors train.py reports in one line."""
+    M.save(*tiny, tmp_path)
+    index = tmp_path / "model.safetensors.index.json"
+    for text in ("{oops", "[]", json.dumps({"weight_map": {"a": None}}),
+                 json.dumps({"weight_map": {"a": "../model.safetensors"}})):
+        index.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(str(index))) as e:
+            M.load(tmp_path)
+        assert isinstance(e.value, M.CHECKPOINT_ERRORS)
+    index.unlink()
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'model.safetensors'))} is not a safetensors file"):
         M.load(tmp_path)
 
 
@@ -717,6 +748,9 @@ def test_chat_format(tiny):
                  {"role": "user", "content": last}]
         assert tok.chat(given, thinking=True, add_generation_prompt=False).startswith(
             "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\nr\n</think>\n\nA<|im_end|>\n")
+    for role in ("tool", "developer", None):  # the template wraps tool turns and drops others: not rendered as turns
+        with pytest.raises(ValueError, match=f"not role {role!r}"):
+            tok.chat([{"role": "user", "content": "Q"}, {"role": role, "content": "x"}])
 
 
 def test_strip_thinking():
@@ -767,7 +801,7 @@ def test_save_writes_bf16_and_the_chat_stop_tokens(tmp_path, tiny):
     """A bfloat16 model saves as a bfloat16 checkpoint (tensors and config dtype, as transformers reads it) that load
     accepts and reads back exactly; transformers reads <|im_end|> as its eos and both stop tokens from
     generation_config.json (what lm-evaluation-harness generates with), and a chat_template.jinja and the sampling
-    defaults of a generation_config.json are kept. Every file is as readable as the umask lets
+    defaults and eos ids of a generation_config.json are kept. Every file is as readable as the umask lets
     a new file be (safetensors alone would write its weights private)."""
     model, tok = tiny
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
@@ -791,9 +825,11 @@ def test_save_writes_bf16_and_the_chat_stop_tokens(tmp_path, tiny):
     (path / "chat_template.jinja").write_text(template)
     (path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_k": 20,
                                                                 "eos_token_id": 7, "pad_token_id": 7}))
-    M.save(*M.load(path), tmp_path / "again")
+    again, tok_again = M.load(path)
+    assert tok_again.stop_ids == [im_end, endoftext, 7]  # its eos ids stop generation too (Llama 3 lists three)
+    M.save(again, tok_again, tmp_path / "again")
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "again").chat_template == template
-    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "again")  # sampling defaults kept, stops ours
-    assert (gen.do_sample, gen.temperature, gen.top_k, gen.eos_token_id) == (True, 0.6, 20, [im_end, endoftext])
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "again")  # sampling defaults and stops kept
+    assert (gen.do_sample, gen.temperature, gen.top_k, gen.eos_token_id) == (True, 0.6, 20, [im_end, endoftext, 7])
     M.save(model, tok, tmp_path / "again")  # a tokenizer without one leaves no stale template behind
     assert not (tmp_path / "again" / "chat_template.jinja").exists()
