@@ -236,17 +236,18 @@ def main(argv=None):
     check_writable(p, out)
     path = resolve_model(a.model)
     directory, mc = checkpoint_or_exit("--model", path)
-    obs = observation_tokens(modeling.Tokenizer(directory), a.game, a.options, a.split)
+    tok = modeling.Tokenizer(directory)
+    obs = observation_tokens(tok, a.game, a.options, a.split)
     need = (budget if a.mode != "none" else 0) + a.max_turns * obs + a.max_new_tokens  # context, observations, reply
     if need > mc.max_position_embeddings:
         p.error(f"context budget + turns need ~{need} tokens ({a.max_turns} observations of ~{obs}), more than the "
                 f"model's context of {mc.max_position_embeddings}; lower --budget, --max_turns or --max_new_tokens, "
                 "or play smaller levels")
+    ctxs = contexts(a.mode, a.context, tok, budget, loaded)  # an empty context stops here, before the model loads
     device = "cuda" if torch.cuda.is_available() else "cpu"
     m, tok = modeling.load(path, device=device, dtype=oel.infer_dtype(device))
     rcfg = games.RolloutConfig(max_turns=a.max_turns, max_new_tokens=a.max_new_tokens,  # sampling: the paper's
                                thinking=a.thinking)
-    ctxs = contexts(a.mode, a.context, tok, budget, loaded)
     with stop_on_ctrl_c("the evaluation stopped; rerun it to start over"):
         trajs = oel.play(m, tok, a.game, a.split, a.n, a.seed, rcfg, ctxs, batch=a.rollout_batch,
                          options=oel.game_settings(a.options))

@@ -26,8 +26,8 @@ The games:
 Agent protocol (as in the paper): every turn is ONE fresh user message, the short generic instruction of
 `user_prompt` plus the observation history so far (never the model's earlier responses). The rules of the
 game are not stated. The action is the last [bracketed] valid action anywhere in the response, thinking
-included (as the paper's code reads it); none wastes the turn with a feedback message. At most `max_turns`
-turns per episode.
+included (as the paper's code reads it); none wastes the turn with a feedback message (which names an invalid
+bracket, cut to MAX_INVALID characters). At most `max_turns` turns per episode.
 
 Rollouts play many games in lockstep: each turn, the next move of every unfinished game comes from ONE
 batched `model.generate` call. Trajectories are saved as JSONL, one episode per line.
@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 SPLITS = ("train", "test", "ood")  # disjoint level seeds: seed % 3 is the split's index
 MAX_GAMES = 10_000  # games per (split, seed) set; keeps the level seeds of different sets disjoint
+MAX_INVALID = 40  # characters of an invalid bracketed action the feedback and history repeat
 MAX_SIZE = 64  # board side: a 64x64 FrozenLake board is ~50k characters already (bigger ones hang level search)
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 VALID_MOVES = ", ".join(f"[{m}]" for m in MOVES)
@@ -68,9 +69,13 @@ def invalid(action: str | None, valid: str) -> str:
     return f"{what} Valid actions: {valid}."
 
 
-def bfs(start, nxt, won, limit=200_000, depth=None) -> list[str] | None:
-    """Fewest moves from `start` to a state where won(state); nxt(state, move) is the next state, or None when
-    the move is blocked or loses. None if no solution within `limit` explored states (or `depth` moves)."""
+BFS_LIMIT = 200_000  # states the solver explores before it gives up
+
+
+def bfs(start, nxt, won, limit=BFS_LIMIT, depth=None) -> tuple[list[str] | None, int]:
+    """Fewest moves from `start` to a state where won(state), and the number of states reached; nxt(state, move) is
+    the next state, or None when the move is blocked or loses. None if no solution within `limit` states (or `depth`
+    moves)."""
     prev, queue = {start: None}, deque([(start, 0)])
     while queue:
         s, d = queue.popleft()
@@ -79,7 +84,7 @@ def bfs(start, nxt, won, limit=200_000, depth=None) -> list[str] | None:
             while prev[s] is not None:
                 s, move = prev[s]
                 path.append(move)
-            return path[::-1]
+            return path[::-1], len(prev)
         if d == depth:
             continue
         for move in MOVES:
@@ -87,7 +92,7 @@ def bfs(start, nxt, won, limit=200_000, depth=None) -> list[str] | None:
             if t is not None and t not in prev and len(prev) < limit:
                 prev[t] = (s, move)
                 queue.append((t, d + 1))
-    return None
+    return None, len(prev)
 
 
 # ----------------------------------------------------------------------------- FrozenLake and Sokoban
@@ -164,7 +169,7 @@ class FrozenLake(Board):
 
     def solve(self) -> list[str] | None:
         nxt = lambda p, m: (q if (q := self._next(p, m)) not in self.hole_cells else None)
-        return bfs(self.pos, nxt, lambda p: p == self.goal)
+        return bfs(self.pos, nxt, lambda p: p == self.goal)[0]
 
     def move(self, action: str) -> str:
         if (pos := self._next(self.pos, action)) is None:
@@ -198,7 +203,8 @@ class Sokoban(Board):
     size: int = 6  # the room is size x size, outer ring wall (paper: 6)
     boxes: int = 1  # boxes, and as many targets (paper: 1)
     min_moves: int = 2  # levels solved in fewer moves count as trivial and are resampled
-    max_moves: int | None = 5  # levels needing more moves are resampled: winnable within 5 turns (None: any)
+    max_moves: int | None = 5  # levels needing more moves are resampled: winnable within 5 turns (None: any the
+    # solver finds within BFS_LIMIT states)
     seed: int | None = None  # the level; make_games sets it, reset() without a seed uses it
 
     def __post_init__(self):
@@ -211,7 +217,11 @@ class Sokoban(Board):
     def reset(self, seed: int | None = None) -> str:
         self.seed = self.seed if seed is None else seed
         rng, n, k = random.Random(self.seed), self.size, self.boxes
-        for _ in range(10_000):
+        # at most 10,000 rooms and as many solver states as they may take at the default max_moves = 5 (1,365 each):
+        # about a minute, whatever max_moves (None: up to BFS_LIMIT states a room)
+        budget, tries = 10_000 * 1365, 0
+        while tries < 10_000 and budget > 0:
+            tries += 1
             floor = carve(rng, n)
             if len(floor) < 2 * k + 3:
                 continue
@@ -221,8 +231,10 @@ class Sokoban(Board):
                                                  for c in range(n)) for r in range(n)))
             if self.optimal is not None and self.optimal >= self.min_moves:  # (solve() stops at max_moves)
                 return obs
+            budget -= self.explored
         raise NoLevel(f"Sokoban: no {n}x{n} room with {k} boxes solvable in {self.min_moves} to {self.max_moves} "
-                      "moves found in 10,000 tries (such levels are rare: raise max_moves, or lower boxes)")
+                      f"moves found in {tries:,} rooms (such levels are rare: "
+                      f"{'lower boxes' if self.max_moves is None else 'raise max_moves, or lower boxes'})")
 
     def setup(self, cells: dict):
         self.floor = {p for p, x in cells.items() if x != "#"}
@@ -247,7 +259,9 @@ class Sokoban(Board):
 
     def solve(self) -> list[str] | None:
         """Fewest moves to win; None if it takes more than max_moves (a level this game never draws) or none wins."""
-        return bfs(self.state, lambda s, m: self._push(s, m)[0], lambda s: s[1] == self.targets, depth=self.max_moves)
+        moves, self.explored = bfs(self.state, lambda s, m: self._push(s, m)[0], lambda s: s[1] == self.targets,
+                                   depth=self.max_moves)
+        return moves
 
     def move(self, action: str) -> str:
         state, msg = self._push(self.state, action)
@@ -543,7 +557,7 @@ class Turn:
     state: str  # observation history the model saw (user_prompt renders it)
     prompt: str  # the user message
     response: str  # the model's full response text
-    n_tokens: int  # response tokens
+    n_tokens: int  # response tokens, the stop token included (every token generated: an empty reply counts 1)
     action: str | None  # parsed action, None if none was found
     feedback: str  # what the game answered
     reward: float
@@ -578,8 +592,12 @@ def rollout(model, tokenizer, envs: list, cfg: RolloutConfig, knowledge: str | N
                         top_p=cfg.top_p, top_k=cfg.top_k, seed=seed * 1000 + t)
         still = []
         for i, prompt, out in zip(active, prompts, outs):
-            # a valid action, else the last bracketed text (the feedback names it as invalid), else None
-            action = parse_action(out.text, envs[i].valid_actions()) or parse_action(out.text)
+            # a valid action, else the last bracketed text (the feedback names it as invalid, and the history shows
+            # it every later turn: cut to MAX_INVALID characters), else None
+            valid = envs[i].valid_actions()
+            action = parse_action(out.text, valid) or parse_action(out.text)
+            if action is not None and action not in valid and len(action) > MAX_INVALID:
+                action = action[:MAX_INVALID - 3] + "..."
             feedback, reward, done, info = envs[i].step(action)
             trajs[i].turns.append(Turn(states[i], prompt, out.text, len(out.tokens), action, feedback, reward))
             trajs[i].won = info["won"]

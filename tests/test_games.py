@@ -126,6 +126,20 @@ def test_sokoban_search_stops_at_max_moves():
     assert time.time() - t < 60  # it searched each room up to 200,000 states: hours
 
 
+@pytest.mark.parametrize("states, rooms", [(1365, 10_000), (100_000, 137), (games.BFS_LIMIT, 69)])
+def test_sokoban_search_is_bounded(states, rooms, monkeypatch):
+    """The level search stops after 10,000 rooms or once the solver has explored as many states as 10,000 rooms may
+    take at the default max_moves (1,365 each), whichever comes first: about a minute. Without the state budget,
+    20x20 rooms with 6 boxes and max_moves None took about 0.9 s each, 10,000 of them. (Here every room `explores`
+    `states` states and none is solvable, at no cost.)"""
+    carved, carve = [], games.carve
+    monkeypatch.setattr(games, "carve", lambda *a: carved.append(1) or carve(*a))
+    monkeypatch.setattr(games, "bfs", lambda *a, **k: (None, states))
+    with pytest.raises(games.NoLevel, match=f"found in {rooms:,} rooms .such levels are rare: lower boxes"):
+        Sokoban(size=20, boxes=6, max_moves=None, seed=1).reset()
+    assert len(carved) == rooms
+
+
 def test_frozenlake_search_is_bounded():
     """A hole count that leaves hardly any solvable board fails with advice after a bounded number of random boards
     (fewer on a bigger board, each costing more), instead of drawing 100,000 of them: minutes of silence at 64x64."""
@@ -431,7 +445,8 @@ def test_rollout_lockstep_scripted(monkeypatch, tmp_path, capsys):
 
 def test_rollout_feedback_names_an_invalid_action(monkeypatch):
     """A reply whose only bracket is not a valid action wastes the turn, and the feedback names what it said; a reply
-    with no bracket wastes it too, and the next turn's history shows its action as (none)."""
+    with no bracket wastes it too, and the next turn's history shows its action as (none); a long invalid bracket is
+    named cut to MAX_INVALID characters."""
     import model
 
     env = make_games("frozenlake", "test", 1)[0]
@@ -449,6 +464,13 @@ def test_rollout_feedback_names_an_invalid_action(monkeypatch):
     first, second = traj.turns  # no bracket: the turn is wasted, and the history says no action was read
     assert first.action is None and first.feedback.startswith("Invalid action: no action in square brackets found.")
     assert second.state == f"{first.state}\n\nAction 1: (none)\n\nObservation 2:\n{first.feedback}"
+    ramble = "I [think " + "the hole is near so I should not go down " * 150 + "] so: go."
+    monkeypatch.setattr(model, "generate", lambda m, tok, prompts, **kw: [SimpleNamespace(text=ramble, tokens=[0])])
+    (traj,) = rollout(None, tok, make_games("frozenlake", "test", 1), RolloutConfig(max_turns=2), seed=0)
+    first, second = traj.turns  # a long invalid bracket is cut: every later turn's history repeats it twice
+    assert first.action == "think the hole is near so i should no..." and len(first.action) == games.MAX_INVALID
+    assert first.feedback.startswith(f"Invalid action [{first.action}].") and len(second.state) < 1500  # not 13,000
+    assert second.state == f"{first.state}\n\nAction 1: [{first.action}]\n\nObservation 2:\n{first.feedback}"
 
 
 def test_rollout_tiny_model_jsonl(tmp_path):

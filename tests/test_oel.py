@@ -1185,6 +1185,10 @@ def test_eval_context_names_and_empty_contexts(tiny, tmp_path, monkeypatch, caps
     (tmp_path / "pool.json").write_text(json.dumps(["", ""]))
     with pytest.raises(SystemExit, match="holds no knowledge context"):
         evaluation.contexts("knowledge", str(tmp_path / "pool.json"), tiny[1], 100)
+    with monkeypatch.context() as mp:  # and before the model loads
+        mp.setattr(modeling, "load", lambda *a, **k: pytest.fail("the model loaded before the context was read"))
+        with pytest.raises(SystemExit, match="holds no knowledge context"):
+            evaluation.main(["--model", "tiny", "--mode", "knowledge", "--context", str(tmp_path / "pool.json")])
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(SystemExit, match="holds no raw context"):
         evaluation.contexts("raw", str(tmp_path / "empty.jsonl"), tiny[1], 100)
