@@ -52,8 +52,8 @@ Where we differ from the paper and its code:
   wrong. The action is the last bracketed valid action, as the code reads it, but case, spaces and quotes
   are forgiven (the code matches the action strings exactly).
 - Sokoban levels are drawn so that 2-5 moves solve them (winnable within 5 turns); see games.py. Deploy
-  games skip any level that starts like a test level, unless the level space is too small to hold any
-  out (the paper's FrozenLake 3x3 with 2 holes has 19 boards, all in the test set); see held_out_boards.
+  games skip any level that starts like a test level, unless that would leave them fewer than half their
+  distinct levels (the paper's FrozenLake 3x3 with 2 holes has 19 boards, all in the test set); see held_out_boards.
 - Trainable weights are float32 with bfloat16 autocast on a GPU (the residual stream in bfloat16 too);
   the frozen teacher and the copy the student samples with are bfloat16. So the student trains on the
   numerics it samples with, and with an empty knowledge text its KL to the teacher at the start of a round
@@ -251,9 +251,10 @@ def raw_context(trajs, tok, budget):
     return "\n\n".join(parts)
 
 
-def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
+def extract_pool(extractor, tok, trajs, cfg, out_dir, r, budget_tok=None):
     """The pool: K knowledge texts from K accumulations advanced in lockstep (one batched generate per trajectory
-    index). Every version is saved as knowledge/r{r}_k{k}_{i}.md; versions on disk are read back, not redone."""
+    index). Every version is saved as knowledge/r{r}_k{k}_{i}.md; versions on disk are read back, not redone.
+    tok: the extractor's tokenizer; budget_tok: the one the knowledge budget counts in, the teacher's (default tok)."""
     kdir = os.path.join(out_dir, "knowledge")
     os.makedirs(kdir, exist_ok=True)
     orders = accumulation_orders(cfg, r, len(trajs))
@@ -263,7 +264,8 @@ def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
     for i in tqdm(range(1, n + 1), desc=f"round {r} extract", leave=False):
         paths = [os.path.join(kdir, f"r{r}_k{k}_{i}.md") for k in range(cfg.K)]
         if all(os.path.exists(p) for p in paths):  # resumed: this step is on disk
-            items = [[line for line in open(p, encoding="utf-8").read().splitlines() if line] for p in paths]
+            items = [[line for line in read_back(p, read=lambda f: Path(f).read_text(encoding="utf-8")).splitlines()
+                      if line] for p in paths]
             reused += 1
             continue
         prompts = [tok.user_ids(extraction_prompt(trajs[order[i - 1]], "\n".join(known), cfg.show_knowledge),
@@ -276,7 +278,7 @@ def extract_pool(extractor, tok, trajs, cfg, out_dir, r):
         cut += sum(not o.stopped and modeling.THINK in o.text and modeling.END_THINK not in o.text for o in outs)
         for k, out in enumerate(outs):
             new = [it for it in parse_items(out.text) if it not in items[k]]
-            items[k] = trim_knowledge(items[k] + new, tok, cfg.knowledge_budget)
+            items[k] = trim_knowledge(items[k] + new, budget_tok or tok, cfg.knowledge_budget)
             atomic_write(paths[k], "\n".join(items[k]) + "\n")
     if cut:
         advice = "raise --extract_max_new_tokens" + (", or use a non-thinking mode" if cfg.thinking else "")
@@ -523,14 +525,28 @@ def evaluate(m, tok, cfg, out_dir):
     return result
 
 
-def held_out_boards(cfg):
-    """First observations of the held-out test levels, which the deploy games avoid; none when fewer than half are
-    distinct: the level space is then too small to hold any out (the paper's FrozenLake: see games.level_seed). Where
-    the deploy games still cannot avoid them (a space the test set covers), train_round plays them anyway."""
-    envs = games.make_games(cfg.game, "test", cfg.n_test, cfg.seed, **game_settings(cfg.game_options))
+def held_out_boards(cfg, r):
+    """First observations of the test levels, which round r's deploy games avoid; none when that would leave them
+    fewer than half the distinct levels they would play otherwise: the level space is then too small to hold any out
+    (the paper's FrozenLake 3x3 with 2 holes: 19 boards). A test set without repeats is taken to mean a large space,
+    and the deploy levels are not read for the check (a TextWorld level costs a game start). Where the deploy games
+    still cannot avoid them (a space the test set covers), train_round plays them anyway."""
+    opts = game_settings(cfg.game_options)
+    envs = games.make_games(cfg.game, "test", cfg.n_test, cfg.seed, **opts)
     games.pregenerate(envs)
-    boards = [games.first_observation(e) for e in envs]
-    return set(boards) if 2 * len(set(boards)) >= len(boards) else set()
+    test = [games.first_observation(e) for e in envs]
+    if len(set(test)) == len(test):
+        return set(test)
+    envs = games.make_games(cfg.game, "train", cfg.n_train, deploy_seed(cfg, r), **opts)
+    games.pregenerate(envs)
+    train = {games.first_observation(e) for e in envs}
+    return set(test) if 2 * len(train - set(test)) >= len(train) else set()
+
+
+def deploy_seed(cfg, r):
+    """The train-split level set of round r's deploy games: runs stay apart for rounds < 1000, and make_games keeps
+    them apart from the test split."""
+    return cfg.seed * 1000 + r
 
 
 def train_round(cfg, r, rdir, ckpt, device):
@@ -538,19 +554,21 @@ def train_round(cfg, r, rdir, ckpt, device):
     frozen, tok = modeling.load(ckpt, device=device, dtype=infer_dtype(device))  # the model at the start of the round
     # 1. deploy
     path = os.path.join(rdir, "deploy.jsonl")
-    # the round's levels: runs stay apart for rounds < 1000, and make_games keeps them apart from the test split
-    deploy = lambda exclude: play(frozen, tok, cfg.game, "train", cfg.n_train, cfg.seed * 1000 + r,
+    deploy = lambda exclude: play(frozen, tok, cfg.game, "train", cfg.n_train, deploy_seed(cfg, r),
                                   rollout_cfg(cfg, deploy=True), batch=cfg.rollout_batch,
                                   options=game_settings(cfg.game_options), path=path, exclude=exclude)
-    exclude = () if os.path.exists(path) else held_out_boards(cfg)
+    exclude = () if os.path.exists(path) else held_out_boards(cfg, r)
+    if not exclude and not os.path.exists(path):
+        print(f"round {r} | deploy | the test levels cover most of the level space: the deploy games include them")
     try:
         trajs = deploy(exclude)
     except games.TooFewLevels:  # the test levels cover (nearly) the whole level space
         print(f"round {r} | deploy | warning: fewer than {cfg.n_train} of {games.MAX_GAMES:,} levels start unlike "
               f"the {len(exclude)} test boards: the deploy games include test levels")
         trajs = deploy(())
-    stats = games.metrics(trajs)
-    print(f"round {r} | deploy | pass {stats['pass_rate']:.3f} | tokens/turn {stats['tokens_per_turn']:.1f}")
+    stats, levels = games.metrics(trajs), len({t.turns[0].state for t in trajs if t.turns})  # first observations
+    print(f"round {r} | deploy | pass {stats['pass_rate']:.3f} | tokens/turn {stats['tokens_per_turn']:.1f} | "
+          f"{len(trajs)} games, {levels} distinct levels")
     # 2. extract
     pool_path = os.path.join(rdir, "pool.json")
     if os.path.exists(pool_path):
@@ -562,7 +580,7 @@ def train_round(cfg, r, rdir, ckpt, device):
                     for order in accumulation_orders(cfg, r, len(trajs))]
         else:
             extractor, etok = modeling.load(cfg.extractor, device, infer_dtype(device)) if cfg.extractor else (frozen, tok)
-            pool = extract_pool(extractor, etok, trajs, cfg, rdir, r)
+            pool = extract_pool(extractor, etok, trajs, cfg, rdir, r, budget_tok=tok)
             del extractor
         atomic_write(pool_path, json.dumps(pool, indent=2))
     if not all(pool):
@@ -591,7 +609,8 @@ def evaluate_round(cfg, r, rdir, ckpt, device):
     return {"round": r, **{f"{s}_{k}": v for s, d in res.items() for k, v in d.items()}}
 
 
-RESUMABLE = ("out_dir", "rounds", "micro_batch", "rollout_batch", "save_every")  # may change when a run is resumed
+RESUMABLE = ("out_dir", "rounds", "micro_batch", "rollout_batch", "save_every", "grad_ckpt",  # may change when a
+             "offload_optimizer")  # run is resumed: memory and speed, not the method (AdamW's state is the same)
 
 
 def same_setting(key, a, b, game):
@@ -612,8 +631,12 @@ def check_resume(cfg):
     was written yet, e.g. after a failed start, takes the new settings)."""
     path = os.path.join(cfg.out_dir, "config.json")
     made = any(f not in ("config.json", ".lock") for _, _, files in os.walk(cfg.out_dir) for f in files)
-    if not os.path.exists(path) or not made:
+    if not made:
         return
+    if not os.path.exists(path):  # a run writes it before anything else
+        raise SystemExit(f"error: {cfg.out_dir} holds files but no config.json, the settings a run there was made with "
+                         "(without it a rerun would reuse its files whatever the flags); restore it, or pass a new "
+                         "--out_dir")
     old = read_back(path, ok=lambda d: isinstance(d, dict), advice="repair it: it holds the settings the run was "
                     "made with (without it a rerun would reuse its files whatever the flags), or pass a new --out_dir")
     if "model_type" in old:  # a checkpoint's config.json

@@ -162,18 +162,19 @@ def check_game(game, options, max_turns, split="test", flag="--game_options"):
 def check_checkpoints(cfg):
     """Fail early on settings that cannot work with the (resolved) checkpoints."""
     path, mc = checkpoint_or_exit("--model", cfg.model)
-    if cfg.extractor:
-        checkpoint_or_exit("--extractor", cfg.extractor)
+    readers = [("model", path, mc)] + ([("extractor", *checkpoint_or_exit("--extractor", cfg.extractor))]
+                                      if cfg.extractor else [])
     if cfg.topk >= mc.vocab_size:
         raise SystemExit(f"error: --topk {cfg.topk} must be below the vocabulary size {mc.vocab_size} (0: the exact KL)")
     # the extraction prompt holds the knowledge, a whole trajectory (observations and responses) and the response
-    obs = observation_tokens(modeling.Tokenizer(path), cfg.game, cfg.game_options)
-    need = cfg.knowledge_budget + cfg.max_turns * (obs + cfg.max_new_tokens) + cfg.extract_max_new_tokens
-    if need > mc.max_position_embeddings:
-        raise SystemExit(f"error: knowledge budget + trajectory + response need ~{need} tokens ({cfg.max_turns} turns "
-                         f"of ~{obs} observation tokens), more than the model's context of {mc.max_position_embeddings}; "
-                         "lower --knowledge_budget, --max_new_tokens, --extract_max_new_tokens or --max_turns, or "
-                         "play smaller levels")
+    for who, where, c in readers:
+        obs = observation_tokens(modeling.Tokenizer(where), cfg.game, cfg.game_options)
+        need = cfg.knowledge_budget + cfg.max_turns * (obs + cfg.max_new_tokens) + cfg.extract_max_new_tokens
+        if need > c.max_position_embeddings:
+            raise SystemExit(f"error: knowledge budget + trajectory + response need ~{need} tokens ({cfg.max_turns} "
+                             f"turns of ~{obs} observation tokens), more than the {who}'s context of "
+                             f"{c.max_position_embeddings}; lower --knowledge_budget, --max_new_tokens, "
+                             "--extract_max_new_tokens or --max_turns, or play smaller levels")
     if cfg.model != "tiny":
         P = num_params(mc)
         disk = (4 * cfg.rounds + 2 * 12) * P  # float32 round checkpoints; consolidation state (weights + Adam) twice while replaced
@@ -234,7 +235,7 @@ def check(cfg):
 
 
 def cli(main, lower="--rollout_batch (games or samples generated at once) or --micro_batch (prompts per forward and "
-        "backward), and rerun the same command: the run resumes where it stopped"):
+        "backward), or pass --offload_optimizer true, and rerun: the run resumes where it stopped"):
     """Run main(), turning six more ends into one line each: a Ctrl-C outside stop_on_ctrl_c (the checks, a
     download, the tiny preset's build, the last writes; after the KeyboardInterrupt has cleaned up), NoLevel from a
     level after the first (the checks build only the first), weights found to hold NaN when they are read, the GPU

@@ -245,16 +245,19 @@ def test_sample_batch_walks_through_the_prompts(tiny, monkeypatch):
 
 def test_offloaded_optimizer_matches_adamw_and_resumes(tmp_path):
     """Consolidation with AdamW's state in CPU memory gives torch AdamW's weights, also when resumed from a saved
-    step (the master copy is refreshed from the restored weights)."""
+    step (the master copy is refreshed from the restored weights), and when a run saved without it resumes with it
+    or the other way round (--offload_optimizer may change on resume)."""
     prompts = states("sokoban", "train", 6, 0)
     cfg = oel.OELConfig(max_new_tokens=6, batch_size=2, micro_batch=2, steps=4, lr=1e-2, grad_ckpt=False, save_every=2)
     runs = []
-    for offload, path in ((False, None), (True, None), (True, tmp_path / "state.pt")):
+    for first, offload, path in ((False, False, None), (True, True, None), (True, True, tmp_path / "a.pt"),
+                                 (False, True, tmp_path / "b.pt"), (True, False, tmp_path / "c.pt")):
         student, tok = modeling.load("tiny")
         teacher = oel.frozen_copy(student, torch.float32)
         c = replace(cfg, offload_optimizer=offload)
         if path:  # stop after step 2, then resume in a fresh process's worth of objects
-            oel.consolidate(student, teacher, tok, prompts, [KNOWLEDGE], replace(c, steps=2), str(path))
+            oel.consolidate(student, teacher, tok, prompts, [KNOWLEDGE], replace(c, steps=2, offload_optimizer=first),
+                            str(path))
             student = modeling.load("tiny")[0]
         oel.consolidate(student, teacher, tok, prompts, [KNOWLEDGE], c, str(path) if path else None)
         runs.append(student.state_dict())
@@ -573,6 +576,11 @@ def test_train_checkpoint_checks_count_memory_disk_and_tokens(tmp_path, monkeypa
     args += ["--extract_max_new_tokens", "64"]
     with pytest.raises(SystemExit, match="more than the model's context"):  # 7000 + 2 * (512 + 64) + 64 > 8192:
         train.check(train.parse_args(args + ["--max_turns", "2"]))  # each turn's response is in the extraction prompt
+    modeling.save(m, tok, tmp_path / "ex")  # an extractor with a shorter context reads the same prompts
+    config = json.loads((tmp_path / "ex" / "config.json").read_text())
+    (tmp_path / "ex" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+    with pytest.raises(SystemExit, match="more than the extractor's context of 4096"):
+        train.check(train.parse_args(args + ["--extractor", str(tmp_path / "ex")]))
     monkeypatch.setattr(train.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=30 * P))
     train.check(train.parse_args(args + ["--rounds", "1"]))  # 4 bytes a parameter per round + 24: 28 < 30
     with pytest.raises(SystemExit, match="GiB free; the run needs"):  # 32 > 30
@@ -641,7 +649,8 @@ def test_summary_and_ctrl_c_handler():
 
 def test_resume_compares_settings_by_meaning(tmp_path, monkeypatch):
     """The same run folder, checkpoint folder or game options spelled differently (defaults written out) still
-    resume; other settings refuse, once something was written (a failed start leaves only config.json)."""
+    resume; other settings refuse, once something was written (a failed start leaves only config.json); files without
+    a config.json refuse any settings."""
     (tmp_path / "run").mkdir()
     (tmp_path / "ck").mkdir()
     cfg = oel.OELConfig(model=str(tmp_path / "ck"), out_dir=str(tmp_path / "run"), game_options='{"size": 4}')
@@ -662,7 +671,8 @@ def test_resume_compares_settings_by_meaning(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"other settings \(topk\)"):
         oel.check_resume(oel.OELConfig(model="ck", out_dir="run", game_options='{"size": 4}', topk=256))
     same = dict(model="ck", out_dir="run", game_options='{"size": 4}')
-    oel.check_resume(oel.OELConfig(**same, rounds=5, micro_batch=1, rollout_batch=7, save_every=3))  # may change
+    oel.check_resume(oel.OELConfig(**same, rounds=5, micro_batch=1, rollout_batch=7, save_every=3, grad_ckpt=False,
+                                   offload_optimizer=True))  # may change
     for key, value in (("thinking", None), ("game", "sokoban"), ("seed", 1), ("context", "raw"), ("n_test", 7)):
         with pytest.raises(SystemExit, match=rf"other settings \({key}\)"):
             oel.check_resume(oel.OELConfig(**{**same, key: value}))
@@ -673,6 +683,10 @@ def test_resume_compares_settings_by_meaning(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"other settings \(seed\)"):  # run() checks before it writes config.json
         oel.run(oel.OELConfig(**same, seed=1))
     assert json.loads((tmp_path / "run" / "config.json").read_text()) == old
+    (tmp_path / "run" / "config.json").unlink()  # lost: any flags would reuse the run's files
+    with pytest.raises(SystemExit, match="holds files but no config.json"):
+        oel.run(oel.OELConfig(**same, seed=1))
+    assert not (tmp_path / "run" / "config.json").exists()
     # options of another game (the game changed too) compare as JSON rather than failing to build the new game
     assert not oel.same_setting("game_options", '{"boxes": 2}', '{"holes": 1}', "frozenlake")
     assert oel.same_setting("game_options", '{"boxes": 2}', '{"boxes":2}', "frozenlake")
@@ -838,6 +852,9 @@ def test_extract_pool_accumulates_saves_versions_and_resumes(tiny, tmp_path, mon
     assert oel.extract_pool(None, tok, trajs, cfg, str(tmp_path), r=0) == pool and calls == []
     os.remove(tmp_path / "knowledge" / "r0_k1_4.md")  # killed while writing the last step's versions: that step is redone
     assert oel.extract_pool(None, tok, trajs, cfg, str(tmp_path), r=0) == pool and calls == [3]
+    (tmp_path / "knowledge" / "r0_k1_2.md").write_bytes(b"caf\xe9")  # damaged (a copy, a hand edit): named
+    with pytest.raises(SystemExit, match=r"r0_k1_2.md cannot be read back \('utf-8' codec"):
+        oel.extract_pool(None, tok, trajs, cfg, str(tmp_path), r=0)
     texts.clear()  # shown: each accumulation sees its own knowledge so far, and only that
     oel.extract_pool(None, tok, trajs, replace(cfg, show_knowledge=True), str(tmp_path / "shown"), r=0)
     for i, step in enumerate(texts[1:], 1):
@@ -1439,7 +1456,7 @@ def test_deploy_avoids_test_boards_where_the_level_space_allows(monkeypatch):
     for game, options, held_out in (("sokoban", "", True), ("frozenlake", '{"size": 4, "holes": 3}', True),
                                     ("frozenlake", "", False)):
         cfg = oel.OELConfig(game=game, game_options=options)
-        boards = oel.held_out_boards(cfg)
+        boards = oel.held_out_boards(cfg, 0)
         assert bool(boards) == held_out
         if held_out:
             envs = games.make_games(game, "train", 256, seed=0, exclude=boards, **oel.game_settings(options))
@@ -1451,7 +1468,7 @@ def test_deploy_avoids_test_boards_where_the_level_space_allows(monkeypatch):
     generated = []  # TextWorld test levels are generated in parallel before their boards are read (one by one)
     monkeypatch.setattr(games, "pregenerate", lambda envs: generated.append([e.seed for e in envs]))
     monkeypatch.setattr(games, "first_observation", lambda env: (env.seed, len(generated)))
-    boards = oel.held_out_boards(oel.OELConfig(game="textworld", n_test=3))
+    boards = oel.held_out_boards(oel.OELConfig(game="textworld", n_test=3), 0)
     assert boards == {(games.level_seed("test", 0, i), 1) for i in range(3)}  # read after the one pregenerate
     assert generated == [[games.level_seed("test", 0, i) for i in range(3)]]
 
@@ -1554,37 +1571,46 @@ def test_train_round_plays_fresh_held_out_games_from_its_checkpoint(tmp_path, mo
     plays, real_play, extract_toks, real_extract = [], oel.play, [], oel.extract_pool
     loaded = record_loads(monkeypatch)
     monkeypatch.setattr(oel, "play", lambda *a, **kw: plays.append((a[5], kw["exclude"])) or real_play(*a, **kw))
-    monkeypatch.setattr(oel, "extract_pool", lambda m, tok, *a: extract_toks.append(tok.encode(text)) or
-                        real_extract(m, tok, *a))
+    monkeypatch.setattr(oel, "extract_pool", lambda m, tok, *a, budget_tok: extract_toks.append(
+        (tok.encode(text), budget_tok.encode(text))) or real_extract(m, tok, *a, budget_tok=budget_tok))
     cfg = oel.OELConfig(model="tiny", game="sokoban", n_train=2, n_test=8, K=1, n=1, steps=1, batch_size=1,
                         micro_batch=1, max_new_tokens=3, extract_max_new_tokens=3, max_turns=1, seed=2,
                         extractor=str(tmp_path / "ex"))
     (tmp_path / "r1").mkdir()
     oel.train_round(cfg, 1, str(tmp_path / "r1"), str(tmp_path / "ck"), "cpu")
     assert loaded == [str(tmp_path / "ck"), str(tmp_path / "ex"), str(tmp_path / "ck")]
-    assert extract_toks == [modeling.Tokenizer(tmp_path / "ex").encode(text)]
-    assert plays == [(2 * 1000 + 1, oel.held_out_boards(cfg))] and len(plays[0][1]) > 4
+    # it writes in its own tokens; the knowledge budget counts the teacher's
+    assert extract_toks == [(modeling.Tokenizer(tmp_path / "ex").encode(text), modeling.Tokenizer(tmp_path / "ck").encode(text))]
+    assert plays == [(2 * 1000 + 1, oel.held_out_boards(cfg, 1))] and len(plays[0][1]) > 4
     # one turn wins no level of 2 or more moves; the tiny model's replies run to max_new_tokens
-    assert "round 1 | deploy | pass 0.000 | tokens/turn 3.0" in capsys.readouterr().out.splitlines()
+    assert "round 1 | deploy | pass 0.000 | tokens/turn 3.0 | 2 games, 2 distinct levels" in capsys.readouterr().out
     seeds = {t.seed for t in games.load_trajectories(tmp_path / "r1" / "deploy.jsonl")}
     assert not seeds & {e.seed for e in games.make_games("sokoban", "train", 2, seed=2 * 1000)}  # round 0's
 
 
 def test_deploy_plays_test_levels_when_no_others_exist(tmp_path, capsys):
-    """A level space the test set covers (2x2 FrozenLake: 2 boards, both among 4 test games) leaves the deploy games
-    no level outside it: the round says so and deploys on all levels, instead of failing after the evaluation."""
+    """A level space the test set covers (2x2 FrozenLake: 2 boards) is not held out when the test set repeats a board
+    (4 test games); when it does not (2 games, seed 3), the deploy games find no level outside it: the round says so
+    and deploys on all levels, instead of failing after the evaluation."""
     cfg = oel.OELConfig(model="tiny", game="frozenlake", game_options='{"size": 2, "holes": 1}', n_train=2, n_test=4,
                         K=1, n=1, steps=1, batch_size=1, micro_batch=1, max_new_tokens=3, extract_max_new_tokens=3,
                         max_turns=1)
-    boards = oel.held_out_boards(cfg)
-    assert len(boards) == 2
-    with pytest.raises(games.TooFewLevels):
-        games.make_games("frozenlake", "train", 2, seed=0, exclude=boards, **oel.game_settings(cfg.game_options))
+    assert oel.held_out_boards(cfg, 0) == set()
     (tmp_path / "r0").mkdir()
     oel.train_round(cfg, 0, str(tmp_path / "r0"), "tiny", "cpu")
+    out = capsys.readouterr().out
+    assert "round 0 | deploy | the test levels cover most of the level space: the deploy games include them" in out
+    assert "| 2 games, 2 distinct levels" in out
+    cfg = replace(cfg, n_test=2, seed=3)
+    boards = oel.held_out_boards(cfg, 0)
+    assert len(boards) == 2
+    with pytest.raises(games.TooFewLevels):
+        games.make_games("frozenlake", "train", 2, seed=3000, exclude=boards, **oel.game_settings(cfg.game_options))
+    (tmp_path / "r1").mkdir()
+    oel.train_round(cfg, 0, str(tmp_path / "r1"), "tiny", "cpu")
     assert ("round 0 | deploy | warning: fewer than 2 of 10,000 levels start unlike the 2 test boards: the deploy "
             "games include test levels") in capsys.readouterr().out
-    assert len(games.load_trajectories(tmp_path / "r0" / "deploy.jsonl")) == 2
+    assert len(games.load_trajectories(tmp_path / "r1" / "deploy.jsonl")) == 2
 
 
 def test_play_spreads_contexts_and_evaluate_samples_as_the_paper(monkeypatch, tmp_path):
@@ -1820,8 +1846,8 @@ def test_sample_batch_depends_on_the_run_seed_and_draws_the_whole_pool(tiny, mon
 
 def test_deploy_holds_out_the_levels_evaluation_plays(tmp_path, monkeypatch):
     """With a run seed other than 0, the boards the deploy games avoid (held_out_boards) are the first observations of the
-    test levels that evaluation plays: the run's seed and n_test, checked against make_games. The level space counts
-    as held out while at least half the test boards are distinct (fewer: none are held out)."""
+    test levels that evaluation plays: the run's seed and n_test, checked against make_games. They are held out
+    unless the deploy levels would keep fewer than half their distinct boards; a test set without repeats is."""
     played = []
 
     def fake_rollout(m, tok, envs, rcfg, knowledge=None, seed=0, desc=""):
@@ -1832,11 +1858,13 @@ def test_deploy_holds_out_the_levels_evaluation_plays(tmp_path, monkeypatch):
     cfg = oel.OELConfig(game="sokoban", seed=3, n_test=6, n_ood=0)
     oel.evaluate(None, None, cfg, str(tmp_path))
     expected = {games.first_observation(e) for e in games.make_games("sokoban", "test", 6, seed=3)}
-    assert set(played) == expected == oel.held_out_boards(cfg)
+    assert set(played) == expected == oel.held_out_boards(cfg, 0)
     assert expected != {games.first_observation(e) for e in games.make_games("sokoban", "test", 6, seed=0)}
-    for distinct, held_out in ((3, True), (2, False)):  # of 6 test boards
-        monkeypatch.setattr(oel.games, "first_observation", lambda env, d=distinct: (env.seed // 3) % d)  # level i: i % d
-        assert bool(oel.held_out_boards(cfg)) == held_out
+    # test level i shows board i % d, deploy level i board i % 12: held out while at least 6 of the 12 stay
+    for distinct, held_out in ((6, True), (5, True), (4, True), (3, True), (7, False), (8, True)):  # of 8 test levels
+        monkeypatch.setattr(oel.games, "first_observation",
+                            lambda env, d=distinct: (env.seed // 3) % (d if env.seed % 3 == 1 else 12))
+        assert bool(oel.held_out_boards(replace(cfg, n_test=8), 0)) == held_out  # 8 distinct: no repeats, no check
 
 
 def test_consolidation_prompts_are_every_turn_of_the_deploy_games(tmp_path, monkeypatch):
@@ -1847,7 +1875,7 @@ def test_consolidation_prompts_are_every_turn_of_the_deploy_games(tmp_path, monk
         t.turns.append(replace(t.turns[0], state=f"state {i}, turn 2"))
         t.steps = 2
     monkeypatch.setattr(oel, "play", lambda *a, **kw: trajs)
-    monkeypatch.setattr(oel, "extract_pool", lambda *a: ["k"])
+    monkeypatch.setattr(oel, "extract_pool", lambda *a, **kw: ["k"])
     seen = []
 
     def fake_consolidate(student, teacher, tok, prompts, pool, cfg, state_path, r):
@@ -1977,8 +2005,8 @@ def test_out_of_gpu_memory_is_one_line_naming_what_to_lower(tmp_path, monkeypatc
     with pytest.raises(SystemExit) as e:
         train.cli(fail)
     assert e.value.code == ("error: out of GPU memory: lower --rollout_batch (games or samples generated at once) or "
-                            "--micro_batch (prompts per forward and backward), and rerun the same command: the run "
-                            "resumes where it stopped (CUDA out of memory. Tried to allocate 2.00 GiB.)")
+                            "--micro_batch (prompts per forward and backward), or pass --offload_optimizer true, and "
+                            "rerun: the run resumes where it stopped (CUDA out of memory. Tried to allocate 2.00 GiB.)")
     if hasattr(torch, "AcceleratorError"):  # torch >= 2.8
         with pytest.raises(SystemExit, match=r"^error: out of GPU memory: lower .* \(CUDA error: out of memory\)$"):
             train.cli(lambda: (_ for _ in ()).throw(torch.AcceleratorError("CUDA error: out of memory\nCUDA kernel")))
