@@ -16,6 +16,8 @@ A schedule (C, C_t, n_s, n_t, overlap) does what kernels/fused_linear_kl.py does
 Extra memory: (n_s C + n_t C_t) V b bytes of buffers, plus grad_W and grad_h (0.65 GB); the target is 1 GiB.
 Ours is (512, 512, 1, 1, no overlap). The profile that motivates this is in bench/RESULTS.md (2026-11-26): the
 grad_W accumulate ran at 59% of the matmul rate, and the KL kernel (4.6 ms) ran after the matmuls, not beside them.
+"paired (C, C_t)" rows (paired_forward) keep two chunks' gradients in one buffer, for grad_W accumulates of depth 2C
+under 1 GiB: (1024, 1024) chunks came closest to the target on 2026-11-27 (1.31x) but needed 1.19 GiB.
 """
 import argparse
 import sys
@@ -39,6 +41,10 @@ GPU_SCHEDULES = [  # (C, C_t, n_s, n_t, overlap); extra GiB at V = 151,936, bf16
     (512, 128, 2, 2, True),     # 0.97: both
     (1024, 256, 1, 2, True),    # 1.05: over the target; how much overlap can give at depth 1024
 ]
+PAIRED = [(448, 448),  # 0.99 GiB: two chunks' gradients in one [2C, V] buffer (paired_forward), under 1 GiB
+          (512, 256),  # 0.97: ours' chunk, the teacher in half chunks
+          (512, 512)]  # 1.04: over the target; what pairing alone gives
+SMALL_PAIRED = [(16, 16), (16, 8), (24, 5)]
 SMALL_SCHEDULES = [(16, 16, 1, 1, False), (32, 8, 1, 1, False), (16, 8, 1, 2, False), (16, 4, 2, 2, False),
                    (16, 4, 2, 2, True), (16, 4, 1, 2, True), (24, 5, 2, 1, True)]  # the overlapped ones on a GPU only
 
@@ -98,6 +104,36 @@ def schedule_forward(h_s, w_s, h_t, w_t, C, C_t, n_s, n_t, overlap, rows_fn, sid
     return loss / count.clamp(min=1), grad_h, grad_w
 
 
+def paired_forward(h_s, w_s, h_t, w_t, C, C_t, rows_fn):
+    """(loss, grad_h, grad_W) as schedule_forward gives them, with two chunks' gradients in one [2C, V] buffer: grad_h
+    and grad_W once per pair of chunks, so grad_W's accumulate (depth 2C) reads and writes all of grad_W half as
+    often and grad_h's product has 2C rows; the teacher's logits go C_t rows at a time to a third buffer.
+    Extra memory: (2 C + C_t) V b bytes of buffers, plus grad_W and grad_h."""
+    T, V = h_s.shape[0], w_s.shape[0]
+    valid, count = flat_mask(None, T, h_s.device)
+    grad_h, grad_w = torch.empty_like(h_s), torch.empty_like(w_s)
+    loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
+    G = h_s.new_empty(2 * C, V)  # [2C, V] two chunks' student logits, then their gradients
+    Z_t = h_t.new_empty(C_t, V)  # [C_t, V] teacher logits
+    for p in range(0, T, 2 * C):
+        q = min(p + 2 * C, T)
+        for i in range(p, q, C):
+            j = min(i + C, q)
+            torch.mm(h_s[i:j], w_s.t(), out=G[i - p:j - p])
+            for a in range(i, j, C_t):
+                b = min(a + C_t, j)
+                z_t = torch.mm(h_t[a:b], w_t.t(), out=Z_t[:b - a])
+                part = G[a - p:b - p]  # the gradient overwrites it
+                loss += rows_fn(part, z_t, part, valid[a:b], count, TAU, True).sum()
+        g = G[:q - p]
+        torch.mm(g, w_s, out=grad_h[p:q])
+        if p == 0:
+            torch.mm(g.t(), h_s[p:q], out=grad_w)
+        else:
+            grad_w.addmm_(g.t(), h_s[p:q])
+    return loss / count.clamp(min=1), grad_h, grad_w
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--T", type=int, default=8192, help="tokens per call")
@@ -106,9 +142,9 @@ def main():
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    T, V, H, schedules = args.T, 151936, 2048, GPU_SCHEDULES
+    T, V, H, schedules, paired = args.T, 151936, 2048, GPU_SCHEDULES, PAIRED
     if args.small or not cuda:
-        T, V, H, schedules, args.reps = 64, 5000, 64, SMALL_SCHEDULES, 3
+        T, V, H, schedules, paired, args.reps = 64, 5000, 64, SMALL_SCHEDULES, SMALL_PAIRED, 3
     if not cuda:  # no second stream
         schedules = [sc for sc in schedules if not sc[4]]
     rows_fn = kl_rows_triton if cuda and triton is not None else kl_rows_torch
@@ -133,6 +169,7 @@ def main():
         return lambda: schedule_forward(h_s, w_s, h_t, w_t, *sched, rows_fn, side)
 
     rows = [("ours", ours, None)]  # (label, fn, the same schedule on one stream: a race shows as a difference)
+    rows += [(f"paired {pc}", lambda pc=pc: paired_forward(h_s, w_s, h_t, w_t, *pc, rows_fn), None) for pc in paired]
     for sched in schedules:
         if not sched[4]:
             rows.append((str(sched), run(sched), None))
