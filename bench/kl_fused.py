@@ -53,7 +53,7 @@ def schedule_forward(h_s, w_s, h_t, w_t, C, C_t, n_s, n_t, overlap, rows_fn, sid
     """(loss, grad_h, grad_W) of fused_linear_kl(h_s, w_s, h_t, w_t, None, TAU) in one schedule (see the docstring);
     h [T, H], w [V, H]. With overlap, `side` is the KL kernel's CUDA stream."""
     T, V = h_s.shape[0], w_s.shape[0]
-    valid, count = flat_mask(None, T, h_s.device)
+    valid, count = flat_mask(None, (T,), h_s.device)
     grad_h, grad_w = torch.empty_like(h_s), torch.empty_like(w_s)
     loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
     S = [h_s.new_empty(C, V) for _ in range(n_s)]  # [C, V] student logits, then their gradient
@@ -110,7 +110,7 @@ def paired_forward(h_s, w_s, h_t, w_t, C, C_t, rows_fn):
     often and grad_h's product has 2C rows; the teacher's logits go C_t rows at a time to a third buffer.
     Extra memory: (2 C + C_t) V b bytes of buffers, plus grad_W and grad_h."""
     T, V = h_s.shape[0], w_s.shape[0]
-    valid, count = flat_mask(None, T, h_s.device)
+    valid, count = flat_mask(None, (T,), h_s.device)
     grad_h, grad_w = torch.empty_like(h_s), torch.empty_like(w_s)
     loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
     G = h_s.new_empty(2 * C, V)  # [2C, V] two chunks' student logits, then their gradients

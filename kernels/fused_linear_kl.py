@@ -49,15 +49,16 @@ class FusedLinearKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden, w_s, teacher_hidden, w_t, mask, temperature, reverse, chunk_size, rows_fn):
-        h_s = student_hidden.reshape(-1, student_hidden.shape[-1])  # [T, H]; leading dims (B, T) flattened
-        h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])  # [T, H']
-        if h_s.shape[0] != h_t.shape[0] or w_s.shape[0] != w_t.shape[0] or h_s.shape[1] != w_s.shape[1] \
-                or h_t.shape[1] != w_t.shape[1]:
+        if student_hidden.dim() == 0 or teacher_hidden.dim() == 0 or w_s.dim() != 2 or w_t.dim() != 2 \
+                or student_hidden.shape[:-1] != teacher_hidden.shape[:-1] or w_s.shape[0] != w_t.shape[0] \
+                or student_hidden.shape[-1] != w_s.shape[1] or teacher_hidden.shape[-1] != w_t.shape[1]:
             raise ValueError(f"shapes do not match: student hidden {tuple(student_hidden.shape)}, weight "
                              f"{tuple(w_s.shape)}; teacher hidden {tuple(teacher_hidden.shape)}, weight {tuple(w_t.shape)}")
-        check_dtypes(h_s, w_s, h_t, w_t)
+        check_dtypes([student_hidden, w_s], [teacher_hidden, w_t])
+        h_s = student_hidden.reshape(-1, student_hidden.shape[-1])  # [T, H]; leading dims (B, T) flattened
+        h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])  # [T, H']
         T, V = h_s.shape[0], w_s.shape[0]
-        valid, count = flat_mask(mask, T, h_s.device)
+        valid, count = flat_mask(mask, student_hidden.shape[:-1], h_s.device)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h_s) if need_h else None
         grad_w = None
@@ -116,7 +117,9 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
     impl: None (Triton for CUDA tensors when Triton is installed, torch otherwise), 'triton' or 'torch'.
     chunk_size: tokens per chunk (default: default_chunk_size, 512 at V = 151,936 in bf16).
     """
-    check_call(impl, temperature)
+    temperature = check_call(impl, temperature)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (or None: the default), got {chunk_size}")
     if impl is None:
         impl = "triton" if student_hidden.is_cuda and triton is not None else "torch"
     fn = fused_linear_kl_triton if impl == "triton" else fused_linear_kl_reference

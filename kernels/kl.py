@@ -14,13 +14,17 @@ The teacher gets no gradient. Masked rows give zero loss and zero gradient; all 
 
 One program per row, two passes over the row (the Triton fused-softmax tutorial, made online):
   pass 1 streams z_s and z_t once, keeping running maxima M_s, M_t of the raw logits, sums
-         d_s = sum e^((z_s - M_s) / tau), d_t likewise, and w = sum e^((z_s - M_s) / tau) (s - t) (forward:
-         the teacher's weights and t - s), all rescaled whenever a max moves; then E_p[s - t] = w / d_s,
-         A - B = (M_s - M_t) / tau + log(d_s / d_t) and KL, in fp32;
+         d_s = sum e^((z_s - M_s) / tau), d_t likewise, and w = sum e^((z_s - M_s) / tau) c with
+         c = ((z_s - M_s) - (z_t - r)) / tau = (s - t) - (M_s - r) / tau, r the teacher's logit where the
+         student's max is (forward: the teacher's weights, c = ((z_t - M_t) - (z_s - r)) / tau, r the student's
+         logit at the teacher's max), all rescaled and shifted whenever a max moves; then, as M_s cancels,
+         KL = w / d_s + (M_t - r) / tau - log(d_s / d_t) (forward: w / d_t + (M_s - r) / tau + log(d_s / d_t));
   pass 2 streams them again and writes the gradient (already divided by tau and n_valid), with
-         p = e^((z_s - M_s) / tau) / d_s and E_p[s - t] rather than KL + A - B.
-Every exponent is (z - M) / tau, exact near the max, and no two log-sum-exps (rounded at the size of the
-logits, ~1e4 at worst) are subtracted: loss and gradient keep their accuracy whatever the logits' offset.
+         p = e^((z_s - M_s) / tau) / d_s and c - E_p[c] = (log p - log q) - KL.
+Every exponent is (z - M) / tau, exact near the max, and each side of c is measured from a logit of its own row
+where the weights are largest: nothing of the size of the logits, of their offsets or of an outlier far from
+the rest (~1e4 at worst) is subtracted where it could cancel. Loss and gradient keep their accuracy whatever the
+two rows' offsets, also when they differ by 1e4; rows below -1e30, or -inf in places, work too.
 A NaN logit gives a NaN loss and gradient for its row (terms with p = 0 are skipped by `p == 0`, which a
 NaN fails).
 Launch: one program per row, BLOCK_V = 4096, 4 warps: the best of 9 settings in H200 sweeps at T = 640 (a
@@ -37,6 +41,8 @@ The gradient goes to a fresh tensor in the student's dtype, never over the stude
 belong to the caller and may still be needed (the fused-linear path, which owns its logits
 buffer, does write the gradient in place over it).
 """
+
+import math
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -65,11 +71,18 @@ if triton is not None:
                     zero = tl.zeros([BLOCK_V], dtype=g_ptr.dtype.element_ty)
                     tl.store(g_ptr + start + cols, zero, mask=start + cols < V)
         else:
-            # pass 1: online max / sum-exp for both rows and the p-weighted (or q-weighted) s - t. Maxima are in
-            # logit units and each exponent is (z - m) / tau: exact near the max whatever the logits' offset.
-            # The running max starts finite so a block of -inf logits never computes -inf - -inf.
-            m_s = -1e30
-            m_t = -1e30
+            # pass 1: online max / sum-exp for both rows, and w, the p-weighted (forward: q-weighted) difference
+            # c = ((z_s - M_s) - (z_t - r)) / tau (forward: ((z_t - M_t) - (z_s - r)) / tau), where r is the
+            # teacher's logit at the student's max (forward: the student's at the teacher's max). Each side is
+            # measured from a logit of its own row where p (q) is largest, so c is exact in fp32 whatever the
+            # rows' offsets or outliers; when a max moves, w's terms shift by delta. The maxima start at -inf (any
+            # finite start fails rows below it); b_s, b_t are the finite bases of the exponents (0 for a row all
+            # -inf so far, whose terms are all 0).
+            m_s = float("-inf")
+            m_t = float("-inf")
+            b_s = 0.0
+            b_t = 0.0
+            r = 0.0
             d_s = 0.0
             d_t = 0.0
             w = 0.0
@@ -77,42 +90,60 @@ if triton is not None:
                 inb = start + cols < V
                 zs = tl.load(s_ptr + start + cols, mask=inb, other=float("-inf")).to(tl.float32)
                 zt = tl.load(t_ptr + start + cols, mask=inb, other=float("-inf")).to(tl.float32)
-                d = (zs - zt) * inv_temp  # s - t, exactly 0 where z_s = z_t
-                new_s = tl.maximum(m_s, tl.max(zs, axis=0))
-                new_t = tl.maximum(m_t, tl.max(zt, axis=0))
+                top_s = tl.max(zs, axis=0)
+                top_t = tl.max(zt, axis=0)
+                max_s = tl.maximum(m_s, top_s)
+                max_t = tl.maximum(m_t, top_t)
+                new_s = tl.where(max_s == float("-inf"), 0.0, max_s)
+                new_t = tl.where(max_t == float("-inf"), 0.0, max_t)
+                if REVERSE:  # the teacher's logit where this block's student max is (its base if that is -inf)
+                    at = tl.sum(tl.where(cols == tl.argmax(zs, axis=0), zt, 0.0), axis=0)
+                    new_r = tl.where(top_s > m_s, tl.where(at == float("-inf"), new_t, at), r)
+                    delta = ((new_s - b_s) - (new_r - r)) * inv_temp
+                    c = ((zs - new_s) - (zt - new_r)) * inv_temp
+                else:
+                    at = tl.sum(tl.where(cols == tl.argmax(zt, axis=0), zs, 0.0), axis=0)
+                    new_r = tl.where(top_t > m_t, tl.where(at == float("-inf"), new_s, at), r)
+                    delta = ((new_t - b_t) - (new_r - r)) * inv_temp
+                    c = ((zt - new_t) - (zs - new_r)) * inv_temp
                 es = tl.exp((zs - new_s) * inv_temp)
                 et = tl.exp((zt - new_t) * inv_temp)
-                a_s = tl.exp((m_s - new_s) * inv_temp)
-                a_t = tl.exp((m_t - new_t) * inv_temp)
+                a_s = tl.where(m_s == float("-inf"), 0.0, tl.exp((b_s - new_s) * inv_temp))  # the old terms' rescale
+                a_t = tl.where(m_t == float("-inf"), 0.0, tl.exp((b_t - new_t) * inv_temp))  # (none while all -inf)
+                # where the weight underflows to 0 its term is 0 (avoids 0 * inf; a NaN still propagates)
+                if REVERSE:
+                    w = tl.where(a_s == 0, 0.0, (w - delta * d_s) * a_s) + tl.sum(tl.where(es == 0, 0.0, es * c), axis=0)
+                else:
+                    w = tl.where(a_t == 0, 0.0, (w - delta * d_t) * a_t) + tl.sum(tl.where(et == 0, 0.0, et * c), axis=0)
                 d_s = d_s * a_s + tl.sum(es, axis=0)
                 d_t = d_t * a_t + tl.sum(et, axis=0)
-                if REVERSE:  # where e^s underflows to 0 its term is 0 (avoids 0 * inf; a NaN still propagates)
-                    w = w * a_s + tl.sum(tl.where(es == 0, 0.0, es * d), axis=0)
-                else:
-                    w = w * a_t + tl.sum(tl.where(et == 0, 0.0, -et * d), axis=0)
-                m_s = new_s
-                m_t = new_t
-            lse_diff = (m_s - m_t) * inv_temp + tl.log(d_s / d_t)  # A - B, no two large log-sum-exps subtracted
+                m_s = max_s
+                m_t = max_t
+                b_s = new_s
+                b_t = new_t
+                r = new_r
+            # A - B = (M_s - M_t) / tau + log(d_s / d_t); E_p[s - t] = E_p[c] + (M_s - r) / tau: M_s cancels
+            log_ratio = tl.log(d_s / d_t)
             if REVERSE:
-                kl = w / d_s - lse_diff
+                kl = w / d_s + (b_t - r) * inv_temp - log_ratio  # E_p[s - t] - (A - B)
             else:
-                kl = w / d_t + lse_diff
+                kl = w / d_t + (b_s - r) * inv_temp + log_ratio  # E_q[t - s] + (A - B)
             tl.store(loss_ptr + row, kl)
             if WRITE_GRAD:
                 # pass 2: the gradient w.r.t. z_s, scaled by 1 / (tau * n_valid)
                 scale = inv_temp / tl.maximum(tl.load(count_ptr).to(tl.float32), 1.0)
-                c = w / d_s  # reverse: log p - log q - KL = (s - t) - E_p[s - t]; no large lse to cancel
+                mean_c = w / d_s  # reverse: log p - log q - KL = c - E_p[c]
                 inv_ds = 1.0 / d_s
                 inv_dt = 1.0 / d_t
                 for start in range(0, V, BLOCK_V):
                     inb = start + cols < V
                     zs = tl.load(s_ptr + start + cols, mask=inb, other=float("-inf")).to(tl.float32)
                     zt = tl.load(t_ptr + start + cols, mask=inb, other=float("-inf")).to(tl.float32)
-                    p = tl.exp((zs - m_s) * inv_temp) * inv_ds  # not exp(s - A): A is rounded at the logits' size
+                    p = tl.exp((zs - b_s) * inv_temp) * inv_ds  # not exp(s - A): A is rounded at the logits' size
                     if REVERSE:
-                        g = tl.where(p == 0, 0.0, p * ((zs - zt) * inv_temp - c))
+                        g = tl.where(p == 0, 0.0, p * (((zs - b_s) - (zt - r)) * inv_temp - mean_c))
                     else:
-                        g = p - tl.exp((zt - m_t) * inv_temp) * inv_dt
+                        g = p - tl.exp((zt - b_t) * inv_temp) * inv_dt
                     tl.store(g_ptr + start + cols, (g * scale).to(g_ptr.dtype.element_ty), mask=inb)
 
 
@@ -152,15 +183,19 @@ def kl_rows_torch(s, t, grad, valid, count, temperature, reverse):
         sl, v = slice(i, i + rows), valid[i:i + rows, None].bool()
         zs, zt = s[sl].to(dt), t[sl].to(dt)
         (p, m_s, d_s), (q, m_t, d_t) = softmax_stats(zs, temperature), softmax_stats(zt, temperature)
-        lse_diff = (m_s - m_t) / temperature + (d_s / d_t).log()  # A - B, as the kernel forms it
-        d = (zs - zt) / temperature  # s - t
-        if reverse:
-            d = torch.where(p == 0, 0.0, d)  # 0 * log 0 = 0 (a NaN passes)
-            mean_d = (p * d).sum(-1, keepdim=True)  # E_p[s - t]
-            kl = mean_d - lse_diff
-            g = torch.where(p == 0, 0.0, p * (d - mean_d))
-        else:
-            kl = torch.where(q == 0, 0.0, -q * d).sum(-1, keepdim=True) + lse_diff
+        log_ratio = (d_s / d_t).log()  # A - B = (M_s - M_t) / tau + log_ratio, as in the kernel
+        if reverse:  # c = ((z_s - M_s) - (z_t - r)) / tau, r the teacher's logit at the student's max
+            r = zt.gather(-1, zs.argmax(-1, keepdim=True))
+            r = torch.where(r == float("-inf"), m_t, r)
+            c = torch.where(p == 0, 0.0, ((zs - m_s) - (zt - r)) / temperature)  # 0 * log 0 = 0 (a NaN passes)
+            mean_c = (p * c).sum(-1, keepdim=True)  # E_p[c]
+            kl = mean_c + (m_t - r) / temperature - log_ratio
+            g = torch.where(p == 0, 0.0, p * (c - mean_c))
+        else:  # c = ((z_t - M_t) - (z_s - r)) / tau, r the student's logit at the teacher's max
+            r = zs.gather(-1, zt.argmax(-1, keepdim=True))
+            r = torch.where(r == float("-inf"), m_s, r)
+            c = ((zt - m_t) - (zs - r)) / temperature
+            kl = torch.where(q == 0, 0.0, q * c).sum(-1, keepdim=True) + (m_s - r) / temperature + log_ratio
             g = p - q
         loss[sl] = torch.where(v, kl, 0.0).squeeze(-1).float()
         if grad is not None:
@@ -168,25 +203,32 @@ def kl_rows_torch(s, t, grad, valid, count, temperature, reverse):
     return loss
 
 
-def check_call(impl, temperature):
-    """The arguments every entry point shares."""
+def check_call(impl, temperature) -> float:
+    """The arguments every entry point shares; returns the temperature as a Python float."""
     if impl not in (None, "triton", "torch"):
         raise ValueError(f"impl must be None, 'triton' or 'torch', got {impl!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = float(temperature)  # also a 0-dim tensor
+    if not (0 < temperature < math.inf and 1 / temperature < torch.finfo(torch.float32).max):
+        raise ValueError(f"temperature must be > 0 and finite, with 1 / temperature finite in float32; got {temperature}")
+    return temperature
 
 
-def check_dtypes(*xs):
-    """float16 is refused: its gradient, stored in forward already divided by tau * n_valid, would underflow
-    before a loss scaler's factor reaches it in backward."""
-    if any(x.dtype == torch.float16 for x in xs):
-        raise TypeError("float16 inputs are not supported (the stored gradient underflows); use bfloat16 or float32")
+def check_dtypes(students, teachers):
+    """Floating-point inputs only; float16 is refused for the student's (the tensors with a gradient): its gradient,
+    stored in forward already divided by tau * n_valid, would underflow before a loss scaler's factor reaches it."""
+    if bad := [x.dtype for x in (*students, *teachers) if not x.is_floating_point()]:
+        raise TypeError(f"inputs must be floating point, got {bad[0]}")
+    if any(x.dtype == torch.float16 for x in students):
+        raise TypeError("float16 student inputs are not supported (the stored gradient underflows); use bfloat16 or "
+                        "float32")
 
 
-def flat_mask(mask, T, device):
-    """(valid [T] int8, n_valid int32 scalar tensor) from an optional bool mask; no host sync."""
-    if mask is not None and mask.numel() != T:
-        raise ValueError(f"mask has {mask.numel()} elements for {T} tokens")
+def flat_mask(mask, shape, device):
+    """(valid [T] int8, n_valid int32 scalar tensor) from an optional mask of the given shape (the inputs' leading
+    dims; nonzero = valid); no host sync."""
+    T = math.prod(shape)
+    if mask is not None and tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; the inputs' leading dims are {tuple(shape)}")
     valid = torch.ones(T, dtype=torch.int8, device=device) if mask is None else (mask.reshape(T).to(device) != 0).to(torch.int8)
     return valid.contiguous(), valid.sum(dtype=torch.int32)
 
@@ -243,13 +285,15 @@ class KLDiv(torch.autograd.Function):
         if teacher_logits.shape != student_logits.shape:
             raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                              f"{tuple(teacher_logits.shape)} differ in shape")
-        check_dtypes(student_logits, teacher_logits)
-        shape, V = student_logits.shape, student_logits.shape[-1]
+        check_dtypes([student_logits], [teacher_logits])
+        shape, V = student_logits.shape, student_logits.shape[-1] if student_logits.dim() else 0
+        if V == 0:
+            raise ValueError(f"logits must have a vocabulary dim of size >= 1, got shape {tuple(shape)}")
         s = student_logits.reshape(-1, V)  # [T, V]; leading dims (B, T) are flattened
         t = teacher_logits.reshape(-1, V)
         s = s if s.stride(-1) == 1 else s.contiguous()
         t = t if t.stride(-1) == 1 else t.contiguous()
-        valid, count = flat_mask(mask, s.shape[0], s.device)
+        valid, count = flat_mask(mask, shape[:-1], s.device)
         grad = torch.empty_like(s, memory_format=torch.contiguous_format) if ctx.needs_input_grad[0] else None
         loss = rows_fn(s, t, grad, valid, count, temperature, reverse).sum() / count.clamp(min=1)
         ctx.save_for_backward(None if grad is None else grad.view(shape))
@@ -282,7 +326,7 @@ def kl_div(student_logits, teacher_logits, mask=None, temperature=1.0, reverse=T
     Returns an fp32 scalar; only student_logits gets a gradient. impl: None (Triton for CUDA tensors when
     Triton is installed, torch otherwise), 'triton' or 'torch'.
     """
-    check_call(impl, temperature)
+    temperature = check_call(impl, temperature)
     if impl is None:
         impl = "triton" if student_logits.is_cuda and triton is not None else "torch"
     fn = kl_div_triton if impl == "triton" else kl_div_reference

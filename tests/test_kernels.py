@@ -174,6 +174,36 @@ def test_kl_accuracy_does_not_depend_on_the_logits_offset(impl, reverse):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reverse", [True, False])
+def test_kl_accuracy_does_not_depend_on_offsets_between_the_rows(impl, reverse):
+    """A teacher offset from the student by 30, 100 or +-1e4 (the KL is the same) is as accurate as none: each side
+    of s - t is measured from a logit of its own row (taken as s - t, the loss was 18% off at 1e4)."""
+    base, noise = logits(4, 3000, torch.float32, scale=3.0)
+    for offset in (30.0, 100.0, 1e4, -1e4):
+        t = base + offset + 0.1 * noise
+        loss, grad = loss_and_grad(KL[impl], base, t, None, 0.7, reverse)
+        loss64, grad64 = loss_and_grad(kl64, base, t, None, 0.7, reverse)
+        assert abs(loss - loss64) / loss64 < 1e-5 and rel(grad, grad64) < 1e-5, (offset, loss, loss64)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reverse", [True, False])
+def test_kl_rows_below_minus_1e30(impl, reverse):
+    """Rows of -2e30 (say, a padding value left unmasked) give float64's loss and gradient, not NaN or -inf: a
+    student row, a teacher row, or both (uniform against uniform: 0)."""
+    s, t = logits(2, 5000, torch.float32)
+    for student, teacher in ((True, False), (False, True), (True, True)):
+        s2, t2 = s.clone(), t.clone()
+        s2[0] = -2e30 if student else s2[0]
+        t2[0] = -2e30 if teacher else t2[0]
+        loss, grad = loss_and_grad(KL[impl], s2, t2, None, 1.0, reverse)
+        loss64, grad64 = loss_and_grad(kl64, s2, t2, None, 1.0, reverse)
+        assert abs(loss - loss64) / loss64 < 1e-5 and rel(grad, grad64) < 1e-5, (student, teacher, loss, loss64)
+        if student and teacher:
+            assert grad[0].abs().max() == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reverse", [True, False])
 def test_kl_nan_logit_poisons_its_row(impl, reverse):
     """A NaN student logit gives a NaN loss and a NaN gradient row (it used to give an all-zero gradient row),
     and leaves the other rows alone."""
@@ -240,7 +270,8 @@ def test_impl_picks_the_path_and_chunks_are_as_asked(monkeypatch):
 
 
 def test_bad_arguments_raise_and_masks_are_boolean():
-    """An unknown impl and a non-positive temperature raise; a 0/1 mask of any dtype counts rows, not values;
+    """An unknown impl, a temperature that is not positive and finite (nor 1 / it) and a chunk size below 1 raise; a
+    0-dim tensor temperature works; a 0/1 mask of any dtype counts rows, not values;
     second-order gradients are refused rather than silently zero."""
     s, t = logits(3, 40, torch.float32)
     with pytest.raises(ValueError, match="impl must be"):
@@ -248,9 +279,14 @@ def test_bad_arguments_raise_and_masks_are_boolean():
     h_s, w_s, h_t, w_t = linear_inputs(3, 8, 40, torch.float32, tied=False)
     with pytest.raises(ValueError, match="impl must be"):
         fused_linear_kl(h_s, w_s, h_t, w_t, impl="cuda")
-    for temperature in (0.0, -1.0):
-        with pytest.raises(ValueError, match="temperature must be > 0"):
+    for temperature in (0.0, -1.0, float("inf"), float("nan"), 1e-40):  # inf: NaN on a ragged row; 1e-40: 1/tau = inf
+        with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
             kl_div(s, t, temperature=temperature)
+        with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
+            fused_linear_kl(h_s, w_s, h_t, w_t, temperature=temperature)
+    assert kl_div(s, t, temperature=torch.tensor(0.7)) == kl_div(s, t, temperature=0.7)  # a 0-dim tensor is a float
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        fused_linear_kl(h_s, w_s, h_t, w_t, chunk_size=-1)
     boolean = kl_div(s, t, torch.tensor([True, False, True]))
     assert kl_div(s, t, torch.tensor([2, 0, 1])) == boolean == kl_div(s, t, torch.tensor([0.5, 0.0, 1.0]))
     s, w = s.requires_grad_(), torch.tensor(2.0, requires_grad=True)
@@ -369,14 +405,26 @@ def test_no_tokens_give_zero_loss_and_zero_gradients(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bad_inputs_raise(impl):
-    """Mismatched shapes, a mask of the wrong size and float16 fail with a message instead of reading out of bounds."""
+    """Mismatched shapes, a mask of another shape (even with as many elements), no vocabulary, inputs that are not
+    floating point and a float16 student fail with a message instead of reading out of bounds; a float16 teacher,
+    which gets no gradient, is fine."""
     s, t = logits(4, 50, torch.float32)
     with pytest.raises(ValueError, match="differ in shape"):
         KL[impl](s, t[:3])
-    with pytest.raises(ValueError, match="mask has 3 elements for 4 tokens"):
+    with pytest.raises(ValueError, match=r"mask has shape \(3,\); the inputs' leading dims are \(4,\)"):
         KL[impl](s, t, torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask has shape \(2, 2\); the inputs' leading dims are \(4,\)"):
+        KL[impl](s, t, torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="vocabulary dim of size >= 1"):
+        KL[impl](s[:, :0], t[:, :0])
+    with pytest.raises(ValueError, match="vocabulary dim of size >= 1"):
+        KL[impl](s[0, 0], t[0, 0])
     with pytest.raises(TypeError, match="float16"):
         KL[impl](s.half(), t.half())
+    for dtype in (torch.bool, torch.int64, torch.complex64):
+        with pytest.raises(TypeError, match=f"inputs must be floating point, got {dtype}"):
+            KL[impl](s.to(dtype), t)
+    assert abs(KL[impl](s, t.half(), None, 0.7) - kl64(s, t.half().float(), None, 0.7)) < 1e-5
     h_s, w_s, h_t, w_t = linear_inputs(4, 16, 50, torch.float32, tied=False)
     with pytest.raises(ValueError, match="shapes do not match"):
         FUSED[impl](h_s, w_s, h_t, w_t[:48])
@@ -386,6 +434,8 @@ def test_bad_inputs_raise(impl):
         FUSED[impl](h_s[:, :15], w_s, h_t, w_t)
     with pytest.raises(TypeError, match="float16"):
         FUSED[impl](h_s.half(), w_s.half(), h_t.half(), w_t.half())
+    with pytest.raises(ValueError, match=r"mask has shape \(2, 2\)"):
+        FUSED[impl](h_s, w_s, h_t, w_t, torch.ones(2, 2, dtype=torch.bool))
 
 
 def test_default_chunk_fits_1gib():
@@ -396,7 +446,7 @@ def test_default_chunk_fits_1gib():
     assert C >= 256 and 2 * C * V * 2 + V * H * 2 + T * H * 2 < 2**30
 
 
-COMPILE_FOR_H100 = """
+COMPILE_FOR_H100 = r"""
 import re
 import torch
 import triton
@@ -407,7 +457,7 @@ from kernels.kl import _kl_kernel, _scale_kernel, flat_mask, kl_rows_triton
 launch = {}  # the settings kl_rows_triton launches the kernel with, recorded instead of launched
 kernels.kl._kl_kernel = type("Spy", (), {"__getitem__": lambda self, grid: lambda *a, **kw: launch.update(kw)})()
 z = torch.zeros(2, 151936, dtype=torch.bfloat16)
-kl_rows_triton(z, z, z.clone(), *flat_mask(None, 2, "cpu"), 0.7, True)
+kl_rows_triton(z, z, z.clone(), *flat_mask(None, (2,), "cpu"), 0.7, True)
 assert launch.pop("REVERSE") is True and launch.pop("WRITE_GRAD") is True, launch
 block = launch.pop("BLOCK_V")
 sig = dict(s_ptr="*bf16", t_ptr="*bf16", g_ptr="*bf16", valid_ptr="*i8", count_ptr="*i32", loss_ptr="*fp32",
