@@ -91,7 +91,7 @@ class OELConfig:
     ood_game: str = "textworld"  # the out-of-distribution set
     rounds: int = 2  # R: rounds of deploy, extract, consolidate, evaluate
     seed: int = 0  # seeds every game set, shuffle and sample of the run
-    thinking: bool | None = True  # chat mode: True thinking (paper's Qwen3-1.7B/4B/8B), False not, None instruct
+    thinking: bool | None = True  # chat mode: true thinking (paper's Qwen3-1.7B/4B/8B), false not, none instruct
     # deploy and evaluation
     n_train: int = 1280  # training games played per round (paper's code: 64 per step, 20 steps)
     n_test: int = 128  # held-out test levels (paper: 128)
@@ -101,7 +101,7 @@ class OELConfig:
     max_new_tokens: int = 1024  # tokens per turn (deploy, eval and the student's samples)
     # extraction
     extractor: str = ""  # optional separate extractor checkpoint (consistency ablation); '' = the model itself
-    context: str = "knowledge"  # the teacher's context: extracted knowledge, or raw trajectories (the paper's ablation)
+    context: str = "knowledge"  # the teacher's context: knowledge (extracted) | raw (trajectories: the paper's ablation)
     K: int = 10  # independent accumulations (pool size)
     n: int = 15  # trajectories per accumulation (paper's code: 15 for 1.7B, 25 for 4B, 50 for 8B and 4B-Instruct)
     knowledge_budget: int = 2048  # tokens (paper: 2048 for the 1.7B model, 8192 for 4B/8B)
