@@ -245,7 +245,7 @@ def main(argv=None):
                 "or play smaller levels")
     ctxs = contexts(a.mode, a.context, tok, budget, loaded)  # an empty context stops here, before the model loads
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    m, tok = modeling.load(path, device=device, dtype=oel.infer_dtype(device))
+    m, _ = modeling.load(path, device=device, dtype=oel.infer_dtype(device))  # the tokenizer is read above
     rcfg = games.RolloutConfig(max_turns=a.max_turns, max_new_tokens=a.max_new_tokens,  # sampling: the paper's
                                thinking=a.thinking)
     with stop_on_ctrl_c("the evaluation stopped; rerun it to start over"):

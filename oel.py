@@ -557,8 +557,9 @@ def train_round(cfg, r, rdir, ckpt, device):
     deploy = lambda exclude: play(frozen, tok, cfg.game, "train", cfg.n_train, deploy_seed(cfg, r),
                                   rollout_cfg(cfg, deploy=True), batch=cfg.rollout_batch,
                                   options=game_settings(cfg.game_options), path=path, exclude=exclude)
-    exclude = () if os.path.exists(path) else held_out_boards(cfg, r)
-    if not exclude and not os.path.exists(path):
+    resumed = os.path.exists(path)  # play() reuses what is on disk, made with the exclusion decided then
+    exclude = () if resumed else held_out_boards(cfg, r)
+    if not resumed and not exclude:
         print(f"round {r} | deploy | the test levels cover most of the level space: the deploy games include them")
     try:
         trajs = deploy(exclude)
@@ -633,12 +634,10 @@ def check_resume(cfg):
     made = any(f not in ("config.json", ".lock") for _, _, files in os.walk(cfg.out_dir) for f in files)
     if not made:
         return
+    why = "it holds the settings the run was made with (without it a rerun would reuse its files whatever the flags)"
     if not os.path.exists(path):  # a run writes it before anything else
-        raise SystemExit(f"error: {cfg.out_dir} holds files but no config.json, the settings a run there was made with "
-                         "(without it a rerun would reuse its files whatever the flags); restore it, or pass a new "
-                         "--out_dir")
-    old = read_back(path, ok=lambda d: isinstance(d, dict), advice="repair it: it holds the settings the run was "
-                    "made with (without it a rerun would reuse its files whatever the flags), or pass a new --out_dir")
+        raise SystemExit(f"error: {cfg.out_dir} holds files but no config.json: {why}; restore it, or pass a new --out_dir")
+    old = read_back(path, ok=lambda d: isinstance(d, dict), advice=f"repair it: {why}, or pass a new --out_dir")
     if "model_type" in old:  # a checkpoint's config.json
         raise SystemExit(f"error: {cfg.out_dir} is a model checkpoint, not a train.py run folder; pass another --out_dir")
     old = {k: old.get(k, getattr(OELConfig, k)) for k in asdict(cfg)}  # a setting newer than the run: its default
