@@ -246,8 +246,7 @@ def main(argv=None):
     ctxs = contexts(a.mode, a.context, tok, budget, loaded)  # an empty context stops here, before the model loads
     device = "cuda" if torch.cuda.is_available() else "cpu"
     m, _ = modeling.load(path, device=device, dtype=oel.infer_dtype(device))  # the tokenizer is read above
-    rcfg = games.RolloutConfig(max_turns=a.max_turns, max_new_tokens=a.max_new_tokens,  # sampling: the paper's
-                               thinking=a.thinking)
+    rcfg = oel.rollout_cfg(a)  # the flags' turns, tokens and chat mode; the paper's sampling
     with stop_on_ctrl_c("the evaluation stopped; rerun it to start over"):
         trajs = oel.play(m, tok, a.game, a.split, a.n, a.seed, rcfg, ctxs, batch=a.rollout_batch,
                          options=oel.game_settings(a.options))

@@ -72,10 +72,10 @@ def invalid(action: str | None, valid: str) -> str:
 BFS_LIMIT = 200_000  # states the solver explores before it gives up
 
 
-def bfs(start, nxt, won, limit=BFS_LIMIT, depth=None) -> tuple[list[str] | None, int]:
+def bfs(start, nxt, won, depth=None) -> tuple[list[str] | None, int]:
     """Fewest moves from `start` to a state where won(state), and the number of states reached; nxt(state, move) is
-    the next state, or None when the move is blocked or loses. None if no solution within `limit` states (or `depth`
-    moves)."""
+    the next state, or None when the move is blocked or loses. None if no solution within BFS_LIMIT states (or
+    `depth` moves)."""
     prev, queue = {start: None}, deque([(start, 0)])
     while queue:
         s, d = queue.popleft()
@@ -89,7 +89,7 @@ def bfs(start, nxt, won, limit=BFS_LIMIT, depth=None) -> tuple[list[str] | None,
             continue
         for move in MOVES:
             t = nxt(s, move)
-            if t is not None and t not in prev and len(prev) < limit:
+            if t is not None and t not in prev and len(prev) < BFS_LIMIT:
                 prev[t] = (s, move)
                 queue.append((t, d + 1))
     return None, len(prev)

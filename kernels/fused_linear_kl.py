@@ -2,8 +2,8 @@
 KL divergence straight from hidden states: the output projection fused with kernels/kl.py, chunked
 over tokens so the [T, V] logits never exist whole.
 
-Shapes: T tokens, H hidden (student and teacher may differ), V vocabulary, C tokens per chunk (the issue's
-and bench/'s letters: model.py's C, the hidden size, is H here).
+Shapes: T tokens, H hidden (student and teacher may differ), V vocabulary, C tokens per chunk (bench/'s
+letters: model.py's C, the hidden size, is H here).
 Inputs: student hidden h_s [T, H], student output weight W_s [V, H], teacher h_t [T, H'], W_t [V, H']
 (the same tensor as W_s when the two models share it). With z_s = h_s W_s^T, z_t = h_t W_t^T and
 loss = (1 / n_valid) sum_valid KL(z_s, z_t) as in kernels/kl.py, g = dloss/dz_s [T, V] and

@@ -156,10 +156,10 @@ def kl_rows_triton(s, t, grad, valid, count, temperature, reverse):
     T, V = s.shape
     loss = torch.empty(T, dtype=torch.float32, device=s.device)
     g = s if grad is None else grad  # a pointer the kernel needs: with WRITE_GRAD False nothing is stored through it
-    if T > 0:  # fma contraction off: pass 2 rounds exactly as pass 1 did
+    if T > 0:
         _kl_kernel[(T,)](s, t, g, valid, count, loss, s.stride(0), t.stride(0), g.stride(0), V, 1.0 / temperature,
                          REVERSE=reverse, WRITE_GRAD=grad is not None, BLOCK_V=min(triton.next_power_of_2(V), BLOCK_V),
-                         num_warps=NUM_WARPS, enable_fp_fusion=False)
+                         num_warps=NUM_WARPS, enable_fp_fusion=False)  # no fma: pass 2 rounds exactly as pass 1
     return loss
 
 
@@ -173,7 +173,8 @@ def softmax_stats(z, temperature):
 
 
 def kl_rows_torch(s, t, grad, valid, count, temperature, reverse):
-    """Torch twin of kl_rows_triton (same contract), fp32 math on row chunks of ~8M elements."""
+    """Torch twin of kl_rows_triton (same contract), fp32 math (fp64 for fp64 inputs) on row chunks of ~8M
+    elements."""
     T, V = s.shape
     dt = torch.float64 if s.dtype == torch.float64 else torch.float32
     loss = torch.empty(T, dtype=torch.float32, device=s.device)
@@ -204,7 +205,7 @@ def kl_rows_torch(s, t, grad, valid, count, temperature, reverse):
 
 
 def check_call(impl, temperature) -> float:
-    """The arguments every entry point shares; returns the temperature as a Python float."""
+    """The arguments kl_div and fused_linear_kl share; returns the temperature as a Python float."""
     if impl not in (None, "triton", "torch"):
         raise ValueError(f"impl must be None, 'triton' or 'torch', got {impl!r}")
     temperature = float(temperature)  # also a 0-dim tensor
