@@ -33,6 +33,7 @@ Rollouts play many games in lockstep: each turn, the next move of every unfinish
 batched `model.generate` call. Trajectories are saved as JSONL, one episode per line.
 """
 
+import errno
 import json
 import multiprocessing
 import os
@@ -40,7 +41,9 @@ import random
 import re
 import shutil
 import signal
+import sys
 import tempfile
+import time
 import types
 import typing
 from collections import deque
@@ -322,18 +325,35 @@ def textworld_file(kind: str, level: int, seed: int) -> str:
     return os.path.join(folder, f"{kind}-{tag}-s{seed}.z8")
 
 
+def cached_textworld(path: str) -> bool:
+    """Whether the cache holds a whole game at `path`: the .json the interpreter's wrapper reads (without it a game
+    has no commands) and the .z8, a version 8 Z-machine story as long as its header says (the interpreter ends the
+    whole process on a damaged one, naming no file)."""
+    try:
+        with open(path, "rb") as f:
+            head, size = f.read(64), os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return False
+    story = len(head) == 64 and head[0] == 8 and size >= 8 * int.from_bytes(head[0x1A:0x1C], "big")
+    return story and os.path.exists(path.removesuffix(".z8") + ".json")
+
+
 def make_textworld(kind: str, level: int, seed: int) -> str:
-    """Path of the .z8 game for (kind, level, seed), generated in-process into the cache unless already there.
-    Files are written to a temporary folder and renamed into place, so a crash never leaves half a game."""
+    """Path of the .z8 game for (kind, level, seed), generated in-process into the cache unless already there whole
+    (a damaged one is made again). Files are written to a temporary folder and renamed into place, so a crash never
+    leaves half a game; temporary folders older than an hour (of a killed generation) are removed."""
     import textworld  # heavy import, only needed here
     import textworld.challenges
     from textworld.generator import QuestGenerationError
 
     path = textworld_file(kind, level, seed)
-    if os.path.exists(path):
+    if cached_textworld(path):
         return path
     folder, stem = os.path.dirname(path), path.removesuffix(".z8")
     os.makedirs(folder, exist_ok=True)
+    for entry in os.scandir(folder):  # a live generation's folder is seconds old
+        if entry.name.startswith("tmp") and entry.is_dir() and time.time() - entry.stat().st_mtime > 3600:
+            shutil.rmtree(entry.path, ignore_errors=True)
     settings = {**(COOKING_DEFAULTS if kind == "cooking" else {}), **TW_LEVELS[kind][level - 1]}
     make = textworld.challenges.CHALLENGES[f"tw-{kind}"][1]
     tmp = tempfile.mkdtemp(dir=folder)
@@ -351,6 +371,10 @@ def make_textworld(kind: str, level: int, seed: int) -> str:
         textworld.generator.compile_game(game, options)
         os.replace(os.path.join(tmp, "game.json"), stem + ".json")  # the interpreter's wrapper reads it
         os.replace(os.path.join(tmp, "game.z8"), path)  # last: its presence marks a complete game
+    except Exception as e:  # Inform 7's compiler (make() runs it too) on a full disk: say so (train.py's one line)
+        if not isinstance(e, (OSError, NoLevel)) and shutil.disk_usage(folder).free < 2**24:
+            raise OSError(errno.ENOSPC, f"no space left for a TextWorld game ({type(e).__name__})", folder) from e
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
@@ -443,15 +467,26 @@ def level_seed(split: str, seed: int, i: int) -> int:
 def pregenerate(envs: list) -> None:
     """Generate the TextWorld games among envs that the cache lacks, in parallel processes (~1 s each in one)."""
     specs = [e.spec() for e in envs if isinstance(e, TextWorldGame)]
-    todo = [s for s in specs if not os.path.exists(textworld_file(*s))]
+    todo = list(dict.fromkeys(s for s in specs if not cached_textworld(textworld_file(*s))))  # each game once
     if len(todo) < 2:
         return
     spawn = multiprocessing.get_context("spawn")  # not fork: the parent may hold CUDA and threads
     workers = min(len(todo), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=signal.signal,  # Ctrl-C is the parent's
-                             initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=worker_init, initargs=(os.getpid(),)) as pool:
         for _ in tqdm(pool.map(make_textworld, *zip(*todo)), total=len(todo), desc="generate textworld", leave=False):
             pass
+
+
+def worker_init(parent: int):
+    """A pregenerate worker: Ctrl-C is the parent's (a terminal sends it to the whole process group), and on Linux the
+    worker ends with its parent, also a killed one (else it waits for work forever, holding its memory)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # it died before that
+            os._exit(1)
 
 
 def first_observation(env) -> str:

@@ -1,9 +1,13 @@
+import errno
 import hashlib
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar, Optional
 
@@ -636,6 +640,93 @@ def test_textworld_reset_switches_levels_and_every_interpreter_is_closed(tmp_pat
     assert all(e in closed for e in started) and len(started) == 3
 
 
+def fake_game(path, json=True):
+    """A file the cache takes for a whole game: a version 8 story header that says 64 bytes, and the .json beside."""
+    head = bytearray(64)
+    head[0], head[0x1A:0x1C] = 8, (64 // 8).to_bytes(2, "big")
+    open(path, "wb").write(bytes(head))
+    if json:
+        open(path.removesuffix(".z8") + ".json", "w").close()
+
+
+def test_textworld_damaged_games_are_made_again_and_stale_temporary_folders_go(tmp_path, monkeypatch):
+    """A cached game cut short, emptied, with another header or without its .json is generated again (the interpreter
+    would end the process on the first three, naming no file; the last has no commands); a temporary folder left by
+    a killed generation more than an hour ago is removed, a recent one (a live generation's) is not."""
+    monkeypatch.setenv("OEL_CACHE", str(tmp_path))
+    path = games.make_textworld("coin_collector", 1, 5)
+    whole = open(path, "rb").read()
+    stale, live = tmp_path / "textworld" / "tmpstale", tmp_path / "textworld" / "tmplive"
+    for folder in (stale, live):
+        folder.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    for damage in (lambda: os.truncate(path, 100_000), lambda: os.truncate(path, 0),
+                   lambda: open(path, "r+b").write(b"\x05"), lambda: os.remove(path.removesuffix(".z8") + ".json")):
+        damage()
+        assert not games.cached_textworld(path)
+        assert games.make_textworld("coin_collector", 1, 5) == path and open(path, "rb").read() == whole
+        assert games.cached_textworld(path)
+    assert not stale.exists() and live.exists()
+    assert "Available commands: [" in first_observation(TextWorldGame(kind="coin_collector", level=1, seed=5))
+
+
+def test_textworld_full_disk_is_an_os_error(tmp_path, monkeypatch):
+    """The game compiler (which the challenge's make() runs too) failing on a full disk is an OSError (ENOSPC: train.py
+    says to free space, in one line); failing otherwise, it is its own error."""
+    import textworld.generator
+
+    monkeypatch.setenv("OEL_CACHE", str(tmp_path))
+
+    def compile_game(game, options):
+        raise RuntimeError("couldn't write to story file")
+
+    monkeypatch.setattr(textworld.generator, "compile_game", compile_game)
+    for free, error in ((2**20, OSError), (2**40, RuntimeError)):
+        monkeypatch.setattr(games.shutil, "disk_usage", lambda path, free=free: SimpleNamespace(free=free))
+        with pytest.raises(error) as e:
+            games.make_textworld("coin_collector", 1, 5)
+        assert error is RuntimeError or e.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path / "textworld") == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_pregenerate_workers_end_with_a_killed_parent(tmp_path):
+    """Workers still generating when their parent is killed (SIGKILL: the out-of-memory killer's) end too, instead of
+    waiting forever for the next game while holding their memory."""
+    code = ("import games; games.pregenerate([games.TextWorldGame(kind='cooking', level=3, seed=s) "
+            "for s in range(40)])")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=Path(games.__file__).parent,
+                              env={**os.environ, "OEL_CACHE": str(tmp_path)})
+    generating = lambda: any(f.startswith("tmp") for f in os.listdir(tmp_path / "textworld"))  # make_textworld's
+    deadline = time.time() + 60
+    while not (os.path.isdir(tmp_path / "textworld") and generating()) and time.time() < deadline:
+        time.sleep(0.2)
+    workers = [pid for pid in os.listdir("/proc") if pid.isdigit() and children_of(pid, parent.pid)]
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 20
+    while any(alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if alive(pid)]
+    for pid in left:  # a failed check leaves nothing running
+        os.kill(int(pid), signal.SIGKILL)
+    assert workers and not left
+
+
+def children_of(pid, parent):
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) == parent
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+def alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_textworld_file_names_each_setting_as_documented(tmp_path, monkeypatch):
     """Each (kind, level, seed) has its own cache file, named after its settings (a flag by its name alone): a renamed
     file would orphan every game already generated."""
@@ -648,14 +739,15 @@ def test_textworld_file_names_each_setting_as_documented(tmp_path, monkeypatch):
 
 
 def test_pregenerate_gives_the_uncached_games_to_a_worker_per_core(tmp_path, monkeypatch):
-    """pregenerate hands the TextWorld games the cache lacks (not the cached ones, nor other games) to as many worker
-    processes as there are cores, and the workers ignore Ctrl-C: a terminal sends it to the whole process group, and
+    """pregenerate hands the TextWorld games the cache lacks whole (not the cached ones, nor other games; each once) to
+    as many worker processes as there are cores, and the workers ignore Ctrl-C: a terminal sends it to the whole process group, and
     the parent alone stops the run (workers interrupted mid-game would print tracebacks)."""
     monkeypatch.setenv("OEL_CACHE", str(tmp_path))
-    envs = [TextWorldGame(kind="coin_collector", level=1, seed=s) for s in range(5)]
+    envs = [TextWorldGame(kind="coin_collector", level=1, seed=s) for s in (0, 1, 2, 2, 3, 4)]  # level 2 twice
     envs += make_games("frozenlake", "test", 2)
     os.makedirs(tmp_path / "textworld")
-    open(games.textworld_file("coin_collector", 1, 1), "w").close()  # cached
+    fake_game(games.textworld_file("coin_collector", 1, 1))  # cached
+    fake_game(games.textworld_file("coin_collector", 1, 3), json=False)  # not whole: generated again
     calls, real = [], games.ProcessPoolExecutor
 
     class Pool:  # records what a pool would do, generates nothing
@@ -677,5 +769,6 @@ def test_pregenerate_gives_the_uncached_games_to_a_worker_per_core(tmp_path, mon
     games.pregenerate(envs)
     (workers, kwargs), (fn, specs) = calls
     assert workers == 3 and fn is games.make_textworld and specs == [("coin_collector", 1, s) for s in (0, 2, 3, 4)]
+    assert kwargs["initargs"] == (os.getpid(),)  # the parent, whose death ends the workers (on Linux)
     with real(1, **kwargs) as pool:  # a worker as pregenerate starts it
         assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
