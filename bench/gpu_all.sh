@@ -1,7 +1,7 @@
 #!/bin/bash
 # Everything a lent GPU should run, in priority order, each step time-boxed; logs go to $OUT (or runs/gpu).
-# Usage: bash bench/gpu_all.sh [STEP...]   steps: cuda generate ab cdt kl kfused tests hf smoke profile sweep consolidate
-#        consolidate4b (default: cuda generate kl)
+# Usage: bash bench/gpu_all.sh [STEP...]   steps: cuda kernels generate ab cdt kl kfused tests hf smoke profile sweep
+#        consolidate consolidate4b (default: cuda generate kl)
 # Liger-Kernel for bench/kl.py travels as a wheel in .whl/ (git-ignored; carry it): fetch it on a networked machine
 # with `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel`.
 # `ab` times another version of model.py beside today's at batch 1: put it in .ab/model_next.py (git-ignored) and
@@ -18,6 +18,7 @@ for step in ${@:-cuda generate kl}; do
     echo "=== $step $(date -u +%H:%M:%S)"
     case $step in
         cuda) timeout 120 python3 -m pytest -q tests/test_model.py -k cuda ;;
+        kernels) timeout 180 python3 -m pytest -q tests/test_kernels.py ;;
         tests) timeout 540 python3 -m pytest -q -x tests/test_model.py tests/test_kernels.py tests/test_oel.py ;;
         generate) timeout 450 python3 bench/generate.py --no-hf ;;
         ab) timeout 400 python3 bench/generate.py --no-hf --batch 1 --other .ab/model_next.py ;;
@@ -30,7 +31,7 @@ for step in ${@:-cuda generate kl}; do
         sweep) timeout 300 python3 bench/kl_sweep.py ;;
         consolidate) timeout 300 python3 bench/consolidate.py ;;
         consolidate4b) timeout 400 python3 bench/consolidate.py --shape 4b --offload --steps 1 ;;
-        *) echo "unknown step $step (steps: cuda tests generate ab cdt hf kl kfused smoke profile sweep consolidate consolidate4b)"; false ;;
+        *) echo "unknown step $step (steps: cuda kernels tests generate ab cdt hf kl kfused smoke profile sweep consolidate consolidate4b)"; false ;;
     esac > "$OUT/$step.log" 2>&1
     echo "=== $step exit $? $(date -u +%H:%M:%S)"; tail -n 14 "$OUT/$step.log"
 done
