@@ -352,7 +352,11 @@ def make_textworld(kind: str, level: int, seed: int) -> str:
     folder, stem = os.path.dirname(path), path.removesuffix(".z8")
     os.makedirs(folder, exist_ok=True)
     for entry in os.scandir(folder):  # a live generation's folder is seconds old
-        if entry.name.startswith("tmp") and entry.is_dir() and time.time() - entry.stat().st_mtime > 3600:
+        try:
+            stale = entry.name.startswith("tmp") and entry.is_dir() and time.time() - entry.stat().st_mtime > 3600
+        except FileNotFoundError:  # another worker's, just removed
+            continue
+        if stale:
             shutil.rmtree(entry.path, ignore_errors=True)
     settings = {**(COOKING_DEFAULTS if kind == "cooking" else {}), **TW_LEVELS[kind][level - 1]}
     make = textworld.challenges.CHALLENGES[f"tw-{kind}"][1]

@@ -101,7 +101,7 @@ class ModelConfig:
                                      window is not None and d.get("max_window_layers", 28) < d["num_hidden_layers"])
         if d.get("hidden_act", "silu") != "silu" or d.get("mlp_bias") or sliding:
             raise NotImplementedError(f"{file}: only SiLU MLPs without bias and full attention are implemented")
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})  # newer transformers: rope_parameters
+        rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})  # transformers' order (5.x)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise NotImplementedError(f"{file}: rope_type {rope_type!r} is not implemented (default, llama3 are)")
@@ -113,7 +113,7 @@ class ModelConfig:
                 num_attention_heads=H, num_key_value_heads=d.get("num_key_value_heads") or H,
                 head_dim=d.get("head_dim") or (128 if mt == "qwen3" else d["hidden_size"] // H),  # transformers'
                 rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-                rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),  # rope_parameters' first
+                rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),  # the rope dict's first
                 rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} if rope_type == "llama3" else None,
                 max_position_embeddings=d.get("max_position_embeddings", 32768),
                 tie_word_embeddings=d.get("tie_word_embeddings", False),

@@ -628,18 +628,20 @@ def same_setting(key, a, b, game):
 
 
 def check_resume(cfg):
-    """Refuse to resume a run folder whose finished stages were made with other settings (a folder where nothing
-    was written yet, e.g. after a failed start, takes the new settings)."""
+    """Refuse to resume a run folder whose finished stages (files under base/ or r{r}/) were made with other settings,
+    or hold no config.json to tell; a folder without them (a failed start, a log redirected into it) takes the new
+    settings."""
     path = os.path.join(cfg.out_dir, "config.json")
-    made = any(f not in ("config.json", ".lock") for _, _, files in os.walk(cfg.out_dir) for f in files)
-    if not made:
-        return
     why = "it holds the settings the run was made with (without it a rerun would reuse its files whatever the flags)"
-    if not os.path.exists(path):  # a run writes it before anything else
-        raise SystemExit(f"error: {cfg.out_dir} holds files but no config.json: {why}; restore it, or pass a new --out_dir")
-    old = read_back(path, ok=lambda d: isinstance(d, dict), advice=f"repair it: {why}, or pass a new --out_dir")
-    if "model_type" in old:  # a checkpoint's config.json
+    old = read_back(path, ok=lambda d: isinstance(d, dict), advice=f"repair it: {why}, or pass a new --out_dir") \
+        if os.path.exists(path) else None
+    if old and "model_type" in old:  # a checkpoint's config.json
         raise SystemExit(f"error: {cfg.out_dir} is a model checkpoint, not a train.py run folder; pass another --out_dir")
+    stages = [d for d in os.listdir(cfg.out_dir) if d == "base" or re.fullmatch(r"r\d+", d)]  # a run's own folders
+    if not any(files for d in stages for _, _, files in os.walk(os.path.join(cfg.out_dir, d))):  # not a log beside
+        return
+    if old is None:  # a run writes it before anything else
+        raise SystemExit(f"error: {cfg.out_dir} holds files but no config.json: {why}; restore it, or pass a new --out_dir")
     old = {k: old.get(k, getattr(OELConfig, k)) for k in asdict(cfg)}  # a setting newer than the run: its default
     diff = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and not same_setting(k, old[k], v, cfg.game)]
     if diff:

@@ -189,13 +189,20 @@ def test_save_names_the_os_error_a_writer_reports_and_passes_on_others(tmp_path,
 
 def test_rope_theta_from_either_key(tmp_path):
     """rope_theta is read from the top-level key (older configs) or from rope_parameters (newer transformers), which
-    wins when both are there, as in transformers; rope scaling other than Llama 3's is refused, also in code."""
+    wins when both are there; rope_scaling wins over rope_parameters: all as transformers reads them. Rope scaling
+    other than Llama 3's is refused, also in code."""
     base = {"model_type": "qwen3", **SMALL}
     for extra in ({"rope_theta": 12345.0}, {"rope_parameters": {"rope_type": "default", "rope_theta": 12345.0}},
                   {"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 12345.0}}):
         (tmp_path / "config.json").write_text(json.dumps({**base, **extra}))
         assert M.ModelConfig.from_hf(tmp_path).rope_theta == 12345.0
     assert transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters["rope_theta"] == 12345.0
+    for extra in ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_scaling": LLAMA3_ROPE,
+                   "rope_theta": 5e5},  # both: rope_scaling, and its missing base from the top-level key
+                  {"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 1e4}, "rope_theta": 5e5}):
+        (tmp_path / "config.json").write_text(json.dumps({**base, "model_type": "llama", **extra}))
+        ours, hf = M.ModelConfig.from_hf(tmp_path), transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+        assert (ours.rope_theta, ours.rope_scaling["factor"]) == (hf["rope_theta"], hf["factor"])
     for scaling in ({"rope_type": "default"}, {"rope_type": "linear", "factor": 2.0}, {"rope_type": "llama3"}):
         with pytest.raises(ValueError, match="rope_scaling must be None or Llama 3's"):
             M.ModelConfig(rope_scaling=scaling)

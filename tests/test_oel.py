@@ -649,8 +649,8 @@ def test_summary_and_ctrl_c_handler():
 
 def test_resume_compares_settings_by_meaning(tmp_path, monkeypatch):
     """The same run folder, checkpoint folder or game options spelled differently (defaults written out) still
-    resume; other settings refuse, once something was written (a failed start leaves only config.json); files without
-    a config.json refuse any settings."""
+    resume; other settings refuse, once something was written (a failed start leaves only config.json); a run's files
+    without a config.json refuse any settings, a log beside them does not count."""
     (tmp_path / "run").mkdir()
     (tmp_path / "ck").mkdir()
     cfg = oel.OELConfig(model=str(tmp_path / "ck"), out_dir=str(tmp_path / "run"), game_options='{"size": 4}')
@@ -687,6 +687,10 @@ def test_resume_compares_settings_by_meaning(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="holds files but no config.json"):
         oel.run(oel.OELConfig(**same, seed=1))
     assert not (tmp_path / "run" / "config.json").exists()
+    (tmp_path / "fresh").mkdir()  # a log the shell redirects into a new run's folder, a config.json.tmp a failed
+    for name in ("train.log", "config.json.tmp"):  # write left: not a run's files
+        (tmp_path / "fresh" / name).write_text("x")
+    oel.check_resume(oel.OELConfig(**{**same, "out_dir": "fresh"}))
     # options of another game (the game changed too) compare as JSON rather than failing to build the new game
     assert not oel.same_setting("game_options", '{"boxes": 2}', '{"holes": 1}', "frozenlake")
     assert oel.same_setting("game_options", '{"boxes": 2}', '{"boxes":2}', "frozenlake")
