@@ -97,12 +97,12 @@ if triton is not None:
                 new_s = tl.where(max_s == float("-inf"), 0.0, max_s)
                 new_t = tl.where(max_t == float("-inf"), 0.0, max_t)
                 if REVERSE:  # the teacher's logit where this block's student max is (its base if that is -inf)
-                    at = tl.sum(tl.where(cols == tl.argmax(zs, axis=0), zt, 0.0), axis=0)
+                    at = tl.max(tl.where(zs == top_s, zt, float("-inf")), axis=0)
                     new_r = tl.where(top_s > m_s, tl.where(at == float("-inf"), new_t, at), r)
                     delta = ((new_s - b_s) - (new_r - r)) * inv_temp
                     c = ((zs - new_s) - (zt - new_r)) * inv_temp
                 else:
-                    at = tl.sum(tl.where(cols == tl.argmax(zt, axis=0), zs, 0.0), axis=0)
+                    at = tl.max(tl.where(zt == top_t, zs, float("-inf")), axis=0)
                     new_r = tl.where(top_t > m_t, tl.where(at == float("-inf"), new_s, at), r)
                     delta = ((new_t - b_t) - (new_r - r)) * inv_temp
                     c = ((zt - new_t) - (zs - new_r)) * inv_temp
@@ -186,14 +186,14 @@ def kl_rows_torch(s, t, grad, valid, count, temperature, reverse):
         (p, m_s, d_s), (q, m_t, d_t) = softmax_stats(zs, temperature), softmax_stats(zt, temperature)
         log_ratio = (d_s / d_t).log()  # A - B = (M_s - M_t) / tau + log_ratio, as in the kernel
         if reverse:  # c = ((z_s - M_s) - (z_t - r)) / tau, r the teacher's logit at the student's max
-            r = zt.gather(-1, zs.argmax(-1, keepdim=True))
+            r = torch.where(zs == m_s, zt, float("-inf")).amax(-1, keepdim=True)  # (the largest, if several)
             r = torch.where(r == float("-inf"), m_t, r)
             c = torch.where(p == 0, 0.0, ((zs - m_s) - (zt - r)) / temperature)  # 0 * log 0 = 0 (a NaN passes)
             mean_c = (p * c).sum(-1, keepdim=True)  # E_p[c]
             kl = mean_c + (m_t - r) / temperature - log_ratio
             g = torch.where(p == 0, 0.0, p * (c - mean_c))
         else:  # c = ((z_t - M_t) - (z_s - r)) / tau, r the student's logit at the teacher's max
-            r = zs.gather(-1, zt.argmax(-1, keepdim=True))
+            r = torch.where(zt == m_t, zs, float("-inf")).amax(-1, keepdim=True)
             r = torch.where(r == float("-inf"), m_s, r)
             c = ((zt - m_t) - (zs - r)) / temperature
             kl = torch.where(q == 0, 0.0, q * c).sum(-1, keepdim=True) + (m_s - r) / temperature + log_ratio

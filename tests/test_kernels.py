@@ -33,7 +33,9 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 def kl64(s, t, mask=None, temperature=1.0, reverse=True):
     """Independent float64 loss: log_softmax, the KL sum, the masked mean; autograd gives the gradient."""
     logp, logq = torch.log_softmax(s.double() / temperature, -1), torch.log_softmax(t.double() / temperature, -1)
-    kl = (logp.exp() * (logp - logq)).sum(-1) if reverse else (logq.exp() * (logq - logp)).sum(-1)
+    if not reverse:
+        logp, logq = logq, logp
+    kl = (logp.exp() * torch.where(logp == float("-inf"), 0.0, logp - logq)).sum(-1)  # 0 log 0 = 0
     mask = torch.ones(kl.shape, dtype=torch.bool) if mask is None else mask
     return torch.where(mask, kl, 0.0).sum() / mask.sum().clamp(min=1)
 
@@ -171,6 +173,27 @@ def test_kl_accuracy_does_not_depend_on_the_logits_offsets(impl, reverse):
         loss, grad = loss_and_grad(KL[impl], s, t, None, 0.7, reverse)
         loss64, grad64 = loss_and_grad(kl64, s, t, None, 0.7, reverse)
         assert abs(loss - loss64) / loss64 < 1e-5 and rel(grad, grad64) < 1e-5, (both, teacher, loss, loss64)
+
+
+@pytest.mark.parametrize("reverse", [True, False])
+def test_kl_maxima_moving_across_many_blocks(monkeypatch, reverse):
+    """With 16-wide blocks (7 to a row), rows whose maxima move block after block (a ramp; jumps of 60 and 1e4; the
+    student's and the teacher's in different blocks; leading blocks all -inf in both rows) give float64's
+    loss and gradient on both paths: every rescale and shift of the online pass is exercised."""
+    monkeypatch.setattr(kernels.kl, "BLOCK_V", 16)
+    V, g = 100, torch.Generator().manual_seed(3)
+    s, t = torch.randn(6, V, generator=g) * 2, torch.randn(6, V, generator=g) * 2
+    s[0] += torch.linspace(0, 30, V)  # a ramp: the student's max moves in every block
+    t[0] -= torch.linspace(0, 30, V)  # the teacher's stays in the first
+    s[1, 40], t[1, 90] = 60.0, 1e4  # jumps, in different blocks
+    s[2, :48] = t[2, :48] = float("-inf")  # leading blocks all -inf (a vocabulary masked in both)
+    s[3, :70] = t[3, :70] = float("-inf")
+    t[4] += 1e4 + torch.linspace(0, 5, V)
+    s[5, 99] = 40.0
+    for impl in IMPLS:
+        loss, grad = loss_and_grad(KL[impl], s, t, None, 0.7, reverse)
+        loss64, grad64 = loss_and_grad(kl64, s, t, None, 0.7, reverse)
+        assert abs(loss - loss64) / loss64 < 1e-5 and rel(grad, grad64) < 1e-5, (impl, loss, loss64)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
