@@ -48,6 +48,8 @@ Where we differ from the paper and its code:
   steps x batch_size / (deploy turns) times on average (the code: once).
 - Out-of-distribution: a set of games (TextWorld by default); the paper reports IF-Eval, which
   lm-evaluation-harness runs on the saved checkpoints.
+- Response length counts every generated token, the stop token included (the code re-encodes the decoded text
+  without special tokens: about one token less a turn).
 - Our own prompt wording (games.py); like the code's, it states no rules and says the knowledge may be
   wrong. The action is the last bracketed valid action, as the code reads it, but case, spaces and quotes
   are forgiven (the code matches the action strings exactly).
@@ -356,8 +358,8 @@ def distill_loss(student, teacher, tok, batch, cfg):
 
 def topk_kl(s_logits, t_logits, temperature, k):
     """The paper's approximation: reverse KL summed over the student's top-k tokens only, not renormalised (its code's
-    default). [N,V] -> scalar mean. Unlike the exact KL, its gradient is not 0 where student = teacher: it also moves
-    probability into the top k."""
+    default). [N,V] -> scalar mean. Unlike the exact KL, its gradient is not 0 where student = teacher: it is that of
+    the probability in the top k, so a step also moves probability out of the top k into the tail."""
     s = torch.log_softmax(s_logits.float() / temperature, -1)
     t = torch.log_softmax(t_logits.float() / temperature, -1)
     s_top, idx = s.topk(k, dim=-1)  # [N,k]

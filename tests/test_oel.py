@@ -1780,6 +1780,8 @@ def test_topk_kl_is_the_students_top_k(tiny):
     mass = torch.softmax(y / 0.7, -1).gather(-1, top).sum(-1).mean()
     (grad,), (expected,) = torch.autograd.grad(loss, x), torch.autograd.grad(mass, y)
     assert loss.item() == 0 and expected.abs().max() > 1e-3 and torch.allclose(grad.double(), expected, atol=1e-6)
+    after = torch.softmax((s - 5 * grad) / 0.7, -1).gather(-1, top).sum(-1).mean()  # a step moves mass to the tail
+    assert after < mass - 1e-3
 
 
 def test_extraction_keeps_a_repeated_lesson_once_and_exact_budgets_fit(tiny, tmp_path, monkeypatch):
