@@ -1,5 +1,6 @@
 """kernels/: the Triton path (interpreted on CPU) and the torch path against float64 autograd."""
 
+import math
 import os
 import subprocess
 import sys
@@ -158,6 +159,19 @@ def test_kl_extreme_logits(impl, reverse):
     loss64, grad64 = loss_and_grad(kl64, s[:, ~banned], t[:, ~banned], None, 0.7, reverse)
     assert abs(loss - loss64) / loss64 < 1e-5
     assert (grad[:, ~banned] - grad64).abs().max() < 1e-5 * grad64.abs().max()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reverse", [True, False])
+def test_kl_is_inf_where_one_side_rules_out_the_others_top_token(impl, reverse):
+    """-inf in the teacher where the student's max is (forward KL: the other way round): the KL is +inf, as in
+    float64, not NaN; the row beside it keeps float64's loss."""
+    s, t = logits(2, 40, torch.float32)
+    big, ruled_out = (s, t) if reverse else (t, s)
+    big[0, 5], ruled_out[0, 5] = 10.0, float("-inf")
+    rows = [KL[impl](s[i:i + 1], t[i:i + 1], None, 0.7, reverse).item() for i in range(2)]
+    assert kl64(s[:1], t[:1], None, 0.7, reverse).item() == rows[0] == math.inf
+    assert abs(rows[1] - kl64(s[1:], t[1:], None, 0.7, reverse).item()) < 1e-5 * rows[1]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -164,6 +164,23 @@ def heldout_kl(student, teacher, tok, prompts, cfg):
     return float(loss / n)
 
 
+def test_consolidation_samples_with_the_students_current_weights(monkeypatch):
+    """On-policy: each step's responses are sampled by the student as it is at that step (not the round's start)."""
+    student, tok = modeling.load("tiny")
+    teacher = oel.frozen_copy(student, torch.float32)
+    real, same = modeling.generate, []
+
+    def spy(m, *a, **kw):
+        same.append(all(torch.equal(v, student.state_dict()[k]) for k, v in m.state_dict().items()))
+        return real(m, *a, **kw)
+
+    monkeypatch.setattr(oel.modeling, "generate", spy)
+    cfg = oel.OELConfig(max_new_tokens=6, batch_size=2, micro_batch=2, steps=3, lr=1e-2, grad_ckpt=False)
+    oel.consolidate(student, teacher, tok, states("sokoban", "train", 4, 0), [KNOWLEDGE], cfg)
+    assert same == [True] * 3
+    assert not all(torch.equal(v, teacher.state_dict()[k]) for k, v in student.state_dict().items())
+
+
 def test_consolidation_halves_heldout_kl_and_only_trains_student():
     """Distillation moves the student towards the knowledge-conditioned teacher on unseen states; the teacher is untouched."""
     torch.manual_seed(0)
