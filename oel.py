@@ -476,7 +476,8 @@ def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, option
         print(f"{path} on disk, reused")
         for p in part_files(path).values():  # left by a run killed between saving the set and removing them
             os.remove(p)
-        return read_back(path, games.load_trajectories)
+        return read_back(path, games.load_trajectories, lambda t: len(t) == n,
+                         f"it should hold {n} games; delete it to play them again")
     envs = games.make_games(game, split, n, seed=seed, exclude=exclude, **(options or {}))
     saved = {i: (j, p) for (i, j), p in part_files(path).items() if i < j <= n} if path else {}  # others: no batch
     plan, i = [], 0  # (first game, last game + 1, its part file if on disk)
@@ -490,7 +491,8 @@ def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, option
     trajs = []
     for b, (i, j, part) in enumerate(plan):
         if part:
-            trajs += read_back(part, games.load_trajectories)
+            trajs += read_back(part, games.load_trajectories, lambda t: len(t) == j - i,
+                               f"it should hold {j - i} games; delete it to play them again")
             continue
         done, desc = [], what + (f" {b + 1}/{len(plan)}" if len(plan) > 1 else "")
         for k, ctx in enumerate(contexts):

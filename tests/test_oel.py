@@ -1420,7 +1420,8 @@ def test_play_keeps_finished_batches(tiny, tmp_path, monkeypatch, capsys):
     """An interrupted rollout of a game set replays only its unfinished batch (saying so, and which batch it plays; a
     set of one batch is named without a number, after its split when it has no file), and gives the same
     trajectories; with another batch size it keeps the finished batches and plays the rest of the same levels in
-    batches of the new size; a damaged batch file ends it with one line naming the file."""
+    batches of the new size; a damaged batch or set file, or one short of games, ends it with one line naming the
+    file."""
     m, tok = tiny
     rcfg = games.RolloutConfig(max_turns=2, max_new_tokens=6)
     path = str(tmp_path / "set.jsonl")
@@ -1469,6 +1470,13 @@ def test_play_keeps_finished_batches(tiny, tmp_path, monkeypatch, capsys):
     os.truncate(cut + ".part0-2", 100)  # a copy cut short
     with pytest.raises(SystemExit, match=f"^error: {re.escape(cut)}.part0-2 cannot be read back"):
         oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=cut)
+    games.save_trajectories(cut + ".part0-2", full[:1])  # whole lines, too few of them (a hand edit)
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(cut)}.part0-2 does not hold .* should hold 2 games"):
+        oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=cut)
+    for kept in (full[:4], []):  # a set's file short of games, or empty
+        games.save_trajectories(cut, kept)
+        with pytest.raises(SystemExit, match=f"^error: {re.escape(cut)} does not hold .* should hold 5 games"):
+            oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=cut)
 
 
 def test_deploy_avoids_test_boards_where_the_level_space_allows(monkeypatch):
