@@ -326,16 +326,18 @@ def textworld_file(kind: str, level: int, seed: int) -> str:
 
 
 def cached_textworld(path: str) -> bool:
-    """Whether the cache holds a whole game at `path`: the .json the interpreter's wrapper reads (without it a game
-    has no commands) and the .z8, a version 8 Z-machine story as long as its header says (the interpreter ends the
-    whole process on a damaged one, naming no file)."""
+    """Whether the cache holds a whole game at `path`: the .json the interpreter's wrapper reads (a JSON object;
+    without it a game has no commands) and the .z8, a version 8 Z-machine story as long as its header says (the
+    interpreter ends the whole process on a damaged one, naming no file)."""
     try:
         with open(path, "rb") as f:
             head, size = f.read(64), os.fstat(f.fileno()).st_size
-    except FileNotFoundError:
+        with open(path.removesuffix(".z8") + ".json", "rb") as f:
+            info = json.load(f)
+    except (FileNotFoundError, ValueError):  # ValueError: JSONDecodeError, UnicodeDecodeError
         return False
-    story = len(head) == 64 and head[0] == 8 and size >= 8 * int.from_bytes(head[0x1A:0x1C], "big")
-    return story and os.path.exists(path.removesuffix(".z8") + ".json")
+    return isinstance(info, dict) and len(head) == 64 and head[0] == 8 and \
+        size >= 8 * int.from_bytes(head[0x1A:0x1C], "big")
 
 
 def make_textworld(kind: str, level: int, seed: int) -> str:

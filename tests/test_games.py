@@ -646,12 +646,13 @@ def fake_game(path, json=True):
     head[0], head[0x1A:0x1C] = 8, (64 // 8).to_bytes(2, "big")
     open(path, "wb").write(bytes(head))
     if json:
-        open(path.removesuffix(".z8") + ".json", "w").close()
+        open(path.removesuffix(".z8") + ".json", "w").write("{}")
 
 
 def test_textworld_damaged_games_are_made_again_and_stale_temporary_folders_go(tmp_path, monkeypatch):
-    """A cached game cut short, emptied, with another header or without its .json is generated again (the interpreter
-    would end the process on the first three, naming no file; the last has no commands); a temporary folder left by
+    """A cached game cut short, emptied, with another header, without its .json or with a damaged one is generated
+    again (the interpreter would end the process on the first three, naming no file; without the .json a game has no
+    commands; a damaged one is a traceback from inside textworld); a temporary folder left by
     a killed generation more than an hour ago is removed, a recent one (a live generation's) is not."""
     monkeypatch.setenv("OEL_CACHE", str(tmp_path))
     path = games.make_textworld("coin_collector", 1, 5)
@@ -661,7 +662,8 @@ def test_textworld_damaged_games_are_made_again_and_stale_temporary_folders_go(t
         folder.mkdir()
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     for damage in (lambda: os.truncate(path, 100_000), lambda: os.truncate(path, 0),
-                   lambda: open(path, "r+b").write(b"\x05"), lambda: os.remove(path.removesuffix(".z8") + ".json")):
+                   lambda: open(path, "r+b").write(b"\x05"), lambda: os.remove(path.removesuffix(".z8") + ".json"),
+                   lambda: open(path.removesuffix(".z8") + ".json", "w").write("{bad")):
         damage()
         assert not games.cached_textworld(path)
         assert games.make_textworld("coin_collector", 1, 5) == path and open(path, "rb").read() == whole
