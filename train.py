@@ -236,11 +236,11 @@ def check(cfg):
 
 def cli(main, lower="--rollout_batch (games or samples generated at once) or --micro_batch (prompts per forward and "
         "backward), or pass --offload_optimizer true, and rerun: the run resumes where it stopped"):
-    """Run main(), turning six more ends into one line each: a Ctrl-C outside stop_on_ctrl_c (the checks, a
+    """Run main(), turning seven more ends into one line each: a Ctrl-C outside stop_on_ctrl_c (the checks, a
     download, the tiny preset's build, the last writes; after the KeyboardInterrupt has cleaned up), NoLevel from a
     level after the first (the checks build only the first), weights found to hold NaN when they are read, the GPU
-    out of memory (saying to lower the settings `lower` names), a full disk, and stdout's reader gone (`| head`;
-    files are written whole or not at all, so a run resumes)."""
+    out of memory (saying to lower the settings `lower` names), a full disk, a file it may not read or write (a
+    read-only cache), and stdout's reader gone (`| head`; files are written whole or not at all, so a run resumes)."""
     try:
         main()
     except KeyboardInterrupt:
@@ -258,6 +258,10 @@ def cli(main, lower="--rollout_batch (games or samples generated at once) or --m
         accelerator = getattr(torch, "AcceleratorError", ())
         if isinstance(e, torch.cuda.OutOfMemoryError) or isinstance(e, accelerator) and "out of memory" in str(e):
             sys.exit(f"error: out of GPU memory: lower {lower} ({str(e).splitlines()[0]})")
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and e.filename:
+            cache = os.path.abspath(os.environ.get("OEL_CACHE", os.path.expanduser("~/.cache/oel")))
+            hint = "; set OEL_CACHE to a folder you can write" * os.path.abspath(e.filename).startswith(cache)
+            sys.exit(f"error: {e.strerror}: {e.filename}{hint}")  # e.g. a read-only cache that lacks the games
         full = e if isinstance(e, OSError) else e.__context__  # torch.save to a Python file: RuntimeError after OSError
         if not isinstance(full, OSError) or full.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

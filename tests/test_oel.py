@@ -2026,6 +2026,23 @@ def test_a_full_disk_is_one_line(tmp_path, monkeypatch):
     assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / "ck" / "tokenizer.json"))
 
 
+def test_a_file_it_may_not_write_is_one_line(tmp_path, monkeypatch):
+    """A read-only cache (say, on a cluster: the tiny model there, the TextWorld games not yet) or a file it may not
+    write ends a run with one line naming the file, the cache's saying how to move it; without a file name, or with
+    another error, the traceback stays."""
+    monkeypatch.setenv("OEL_CACHE", str(tmp_path / "cache"))
+    ro = OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "cache" / "textworld"))
+    with pytest.raises(SystemExit) as e:
+        train.cli(lambda: (_ for _ in ()).throw(ro))
+    assert e.value.code == f"error: {os.strerror(errno.EROFS)}: {ro.filename}; set OEL_CACHE to a folder you can write"
+    denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "run" / "config.json"))
+    with pytest.raises(SystemExit) as e:
+        train.cli(lambda: (_ for _ in ()).throw(denied))
+    assert e.value.code == f"error: {os.strerror(errno.EACCES)}: {denied.filename}"
+    with pytest.raises(PermissionError):
+        train.cli(lambda: (_ for _ in ()).throw(PermissionError(errno.EACCES, "denied")))
+
+
 def test_out_of_gpu_memory_is_one_line_naming_what_to_lower(tmp_path, monkeypatch):
     """Running out of GPU memory ends train.py and eval.py with one line: what to lower (a run then resumes with it
     lowered), and torch's own first line, also where torch raises it as an AcceleratorError; a consolidation state that runs out of memory as it loads is not called
