@@ -448,10 +448,20 @@ def consolidate(student, teacher, tok, prompts, pool, cfg, state_path=None, r=0)
                    f"| tok {n_total / len(batch):.0f}/resp | {logs[-1]['ms']:.0f} ms")
         if state_path and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             # to a Python file, not a path: a full disk's OSError then shows, as is or as the context of torch's
-            # RuntimeError (a write after the first failed); a path hides it
-            with open(f"{state_path}.tmp", "wb") as f:
-                torch.save({"model": student.state_dict(), "opt": opt.state_dict(), "step": step + 1, "logs": logs}, f)
-            os.replace(f"{state_path}.tmp", state_path)
+            # RuntimeError (a write after the first failed); a path hides it. On failure the partial file goes (the
+            # space it held) and the error names it
+            tmp = f"{state_path}.tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    torch.save({"model": student.state_dict(), "opt": opt.state_dict(), "step": step + 1, "logs": logs},
+                               f)
+            except (OSError, RuntimeError) as e:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                if isinstance(err := e if isinstance(e, OSError) else e.__context__, OSError) and not err.filename:
+                    err.filename = tmp
+                raise
+            os.replace(tmp, state_path)
     student.eval()
     return logs
 

@@ -1993,19 +1993,21 @@ def test_a_full_disk_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="^error: the disk is full [(]No space left on device[)]: free"):
         train.cli(lambda: torch.save({"x": torch.zeros(1000)}, FillsUp()))
 
-    class Full(io.BytesIO):
+    class Full(io.FileIO):  # the file is made, its first write fails
         def write(self, b):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     real_open = open
-    monkeypatch.setattr(oel, "open", lambda f, mode="r", **kw: Full() if mode == "wb" else real_open(f, mode, **kw),
+    monkeypatch.setattr(oel, "open", lambda f, mode="r", **kw: Full(f, mode) if mode == "wb" else real_open(f, mode, **kw),
                         raising=False)
     student, tok = modeling.load("tiny")
     cfg = oel.OELConfig(max_new_tokens=2, batch_size=1, micro_batch=1, steps=1, grad_ckpt=False)
     with pytest.raises((OSError, RuntimeError)) as e:
         oel.consolidate(student, oel.frozen_copy(student, torch.float32), tok, states("frozenlake", "train", 1, 0),
                         [KNOWLEDGE], cfg, str(tmp_path / "state.pt"))
-    with pytest.raises(SystemExit, match="^error: the disk is full [(]No space left on device[)]: free"):
+    where = re.escape(str(tmp_path / "state.pt.tmp"))
+    assert not os.path.exists(tmp_path / "state.pt.tmp")  # removed: the space it held is free again
+    with pytest.raises(SystemExit, match=f"^error: the disk is full writing {where} [(]No space left on device[)]: free"):
         train.cli(lambda: (_ for _ in ()).throw(e.value))
 
     def serializing(*a, **kw):
