@@ -106,16 +106,17 @@ class ModelConfig:
         if rope_type not in ("default", "llama3"):
             raise NotImplementedError(f"{file}: rope_type {rope_type!r} is not implemented (default, llama3 are)")
         H = d["num_attention_heads"]
+        kv = d.get("num_key_value_heads", H if mt == "llama" else 32)  # transformers' class defaults; null: H
         try:
             return cls(
                 model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
                 intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-                num_attention_heads=H, num_key_value_heads=d.get("num_key_value_heads") or H,
+                num_attention_heads=H, num_key_value_heads=kv or H,
                 head_dim=d.get("head_dim") or (128 if mt == "qwen3" else d["hidden_size"] // H),  # transformers'
                 rms_norm_eps=d.get("rms_norm_eps", 1e-6),
                 rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),  # the rope dict's first
                 rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} if rope_type == "llama3" else None,
-                max_position_embeddings=d.get("max_position_embeddings", 32768),
+                max_position_embeddings=d.get("max_position_embeddings", 2048 if mt == "llama" else 32768),
                 tie_word_embeddings=d.get("tie_word_embeddings", False),
                 attention_bias=d.get("attention_bias", False))
         except ValueError as e:  # __post_init__'s checks (e.g. incomplete llama3 rope scaling)

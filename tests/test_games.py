@@ -233,6 +233,9 @@ def test_clear_errors(monkeypatch):
         make_games("chess", "test", 1)
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         make_games("sokoban", "dev", 1)
+    for n, seed in ((-1, 0), (games.MAX_GAMES + 1, 0), (1, -1)):  # a negative seed would share level seeds
+        with pytest.raises(ValueError, match=f"need 0 <= n <= {games.MAX_GAMES} and seed >= 0"):
+            make_games("frozenlake", "test", n, seed=seed)
     with pytest.raises(ValueError, match="unknown game"):
         user_prompt("chess", "")
     assert FrozenLake(size=games.MAX_SIZE).size == Sokoban(size=games.MAX_SIZE).size == 64  # the largest boards
@@ -475,6 +478,11 @@ def test_rollout_feedback_names_an_invalid_action(monkeypatch):
     assert first.action == "think the hole is near so i should no..." and len(first.action) == games.MAX_INVALID
     assert first.feedback.startswith(f"Invalid action [{first.action}].") and len(second.state) < 1500  # not 13,000
     assert second.state == f"{first.state}\n\nAction 1: [{first.action}]\n\nObservation 2:\n{first.feedback}"
+    for word in ("x" * games.MAX_INVALID, "x" * (games.MAX_INVALID + 1)):  # kept whole up to MAX_INVALID characters
+        monkeypatch.setattr(model, "generate", lambda m, tok, prompts, **kw: [SimpleNamespace(text=f"I [{word}]",
+                                                                                              tokens=[0])])
+        (traj,) = rollout(None, tok, make_games("frozenlake", "test", 1), RolloutConfig(max_turns=1), seed=0)
+        assert traj.turns[0].action == (word if len(word) == games.MAX_INVALID else word[:games.MAX_INVALID - 3] + "...")
 
 
 def test_rollout_tiny_model_jsonl(tmp_path):

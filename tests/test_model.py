@@ -3,6 +3,7 @@ import errno
 import json
 import os
 import re
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -255,6 +256,21 @@ def test_config_errors_name_the_problem(tmp_path):
 def ckpt(tmp_path, tiny):
     M.save(*tiny, tmp_path)
     return tmp_path
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_config_defaults_are_transformers(tmp_path, model_type):
+    """Keys a config.json leaves out take transformers' defaults for its model type (a Llama's context is 2048; a
+    Qwen's K/V heads are 32 unless given, all heads when given as null)."""
+    base = {"model_type": model_type, "vocab_size": 1024, "hidden_size": 512, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 32}
+    for extra in ({}, {"num_key_value_heads": None}):
+        (tmp_path / "config.json").write_text(json.dumps({**base, **extra}))
+        ours, hf = M.ModelConfig.from_hf(tmp_path), transformers.AutoConfig.from_pretrained(tmp_path)
+        for key in ("num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings"):
+            assert getattr(ours, key) == getattr(hf, key), key
+        assert ours.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)  # Qwen2: none
+        assert ours.rope_theta == hf.rope_parameters["rope_theta"]
 
 
 def test_config_keeps_eps_and_unties_by_default(tmp_path):
@@ -755,9 +771,26 @@ def test_chat_format(tiny):
                  {"role": "user", "content": last}]
         assert tok.chat(given, thinking=True, add_generation_prompt=False).startswith(
             "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\nr\n</think>\n\nA<|im_end|>\n")
+    given = [{"role": "user", "content": "<tool_response>x</tool_response>"},  # no query at all: the template's last
+             {"role": "assistant", "content": "<think>r</think>A"}]  # query is then the last message, so no reasoning
+    assert tok.chat(given, thinking=True, add_generation_prompt=False) == (
+        "<|im_start|>user\n<tool_response>x</tool_response><|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n")
     for role in ("tool", "developer", None):  # the template wraps tool turns and drops others: not rendered as turns
         with pytest.raises(ValueError, match=f"not role {role!r}"):
             tok.chat([{"role": "user", "content": "Q"}, {"role": role, "content": "x"}])
+
+
+def test_tokenizer_pad_and_stop_ids_from_its_config_files(tmp_path):
+    """tokenizer_config.json's pad_token (a string or {"content": ...}) is the pad id before <|endoftext|>; of
+    generation_config.json's eos_token_id only integers are stop ids."""
+    path = tmp_path / "tok"
+    shutil.copytree(M.tiny_dir(), path)
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**cfg, "pad_token": {"content": M.IM_END}}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, True, 7.0, "8"]}))
+    tok = M.Tokenizer(path)
+    assert tok.pad_id == tok.tok.token_to_id(M.IM_END) != tok.tok.token_to_id(M.ENDOFTEXT)
+    assert tok.stop_ids == [tok.tok.token_to_id(M.IM_END), tok.tok.token_to_id(M.ENDOFTEXT), 7]
 
 
 def test_strip_thinking():

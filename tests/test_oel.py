@@ -356,8 +356,8 @@ def test_two_round_run_writes_everything_and_resumes_after_kill(tmp_path):
     oel.check_resume(train.parse_args(args + ["--rounds", "3"]))  # extending a run is fine
     with pytest.raises(SystemExit, match="--rounds cannot go below 2"):  # metrics.jsonl would lose round 1
         oel.check_resume(train.parse_args(args + ["--rounds", "1"]))
-    with open(out / ".lock", "w") as held:  # as if another train.py were running on the folder
-        fcntl.flock(held, fcntl.LOCK_EX)
+    with open(out / ".lock", "w") as held:  # as if another train.py were running on the folder (a shared lock: a run's
+        fcntl.flock(held, fcntl.LOCK_SH)  # own must be exclusive to meet it)
         with pytest.raises(SystemExit, match="another run is using"):
             oel.run(train.parse_args(args))
     assert evaluation.plot(str(out)).endswith("metrics.png") and (out / "metrics.png").exists()
@@ -1113,7 +1113,7 @@ def test_a_damaged_run_file_ends_a_resumed_run_with_one_line_naming_it(tmp_path)
         named = case / ("r0/model" if "safetensors" in name else name)
         advice = {"r0/model/model.safetensors": "delete the folder to redo round 0's consolidation",
                   "r0/consolidate.pt": "delete it to restart round 0's consolidation from its first step",
-                  "config.json": CONFIG_ADVICE}
+                  "r0/deploy.jsonl": "it should hold 2 games; delete it to play them again", "config.json": CONFIG_ADVICE}
         advice = re.escape(advice.get(name, "repair it, or delete it to redo what it holds"))
         with pytest.raises(SystemExit, match=f"^error: {re.escape(str(named))} cannot be read back .*; {advice}$"):
             if name == "metrics.jsonl":
