@@ -318,9 +318,14 @@ COOKING_DEFAULTS = {"recipe": 1, "take": 0, "go": 1, "open": False, "cook": Fals
                     "recipe_seed": 0, "split": None}
 
 
+def cache_dir() -> str:
+    """$OEL_CACHE, default ~/.cache/oel: the TextWorld games and (model.tiny_dir) the tiny preset."""
+    return os.environ.get("OEL_CACHE", os.path.expanduser("~/.cache/oel"))
+
+
 def textworld_file(kind: str, level: int, seed: int) -> str:
     """Where the cache keeps the .z8 game for (kind, level, seed), e.g. .../cooking-recipe1-take1-open-s5.z8."""
-    folder = os.path.join(os.environ.get("OEL_CACHE", os.path.expanduser("~/.cache/oel")), "textworld")
+    folder = os.path.join(cache_dir(), "textworld")
     tag = "-".join(f"{k}{'' if v is True else v}" for k, v in TW_LEVELS[kind][level - 1].items())
     return os.path.join(folder, f"{kind}-{tag}-s{seed}.z8")
 
