@@ -473,6 +473,24 @@ def test_cached_batched_greedy_equals_naive(lm):
 
 
 @torch.no_grad()
+def test_left_padded_rows_count_positions_from_their_first_token(lm):
+    """A left-padded row's cached keys (rotated by position) equal those of its prompt alone, in float64: positions
+    count from the row's first token, not from the cache's first column. (Attention scores alone cannot tell: rotary
+    embeddings depend only on relative positions, so a shifted row differs only in rounding.)"""
+    model = copy.deepcopy(lm[0]).double()
+    P = max(len(p) for p in PROMPTS)
+    pad = torch.tensor([P - len(p) for p in PROMPTS])
+    idx = torch.tensor([[0] * (P - len(p)) + p for p in PROMPTS])
+    batch = M.KVCache(model.config, pad, P, torch.float64)
+    model(idx, cache=batch, cols=torch.arange(P))
+    for b, p in enumerate(PROMPTS):
+        alone = M.KVCache(model.config, torch.tensor([0]), len(p), torch.float64)
+        model(torch.tensor([p]), cache=alone, cols=torch.arange(len(p)))
+        for k, k_alone in zip(batch.k, alone.k):
+            assert (k[b, :, P - len(p):] - k_alone[0]).abs().max() < 1e-10
+
+
+@torch.no_grad()
 def test_stop_tokens_and_compaction(lm):
     """Rows end at their first stop token (kept in tokens, dropped from text); finished rows are dropped
     from the batch mid-way without changing the others, and each decode step runs only the batch it was built for
