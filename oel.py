@@ -476,6 +476,12 @@ def rollout_cfg(cfg, deploy=False):
     return replace(rcfg, top_p=1.0, top_k=0) if deploy else rcfg
 
 
+def read_games(path, n):
+    """The n trajectories a games file (a set's, or a batch's part) holds; one line naming it if not n."""
+    return read_back(path, games.load_trajectories, lambda t: len(t) == n,
+                     f"it should hold {n} games; delete it to play them again")
+
+
 def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, options=None, path=None, exclude=()):
     """Roll out n games of a named set (minus levels whose first observation is in `exclude`), `batch` at a time,
     the contexts spread evenly over the games. With `path`, the set is saved there as JSONL (and read back if
@@ -486,8 +492,7 @@ def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, option
         print(f"{path} on disk, reused")
         for p in part_files(path).values():  # left by a run killed between saving the set and removing them
             os.remove(p)
-        return read_back(path, games.load_trajectories, lambda t: len(t) == n,
-                         f"it should hold {n} games; delete it to play them again")
+        return read_games(path, n)
     envs = games.make_games(game, split, n, seed=seed, exclude=exclude, **(options or {}))
     saved = {i: (j, p) for (i, j), p in part_files(path).items() if i < j <= n} if path else {}  # others: no batch
     plan, i = [], 0  # (first game, last game + 1, its part file if on disk)
@@ -501,8 +506,7 @@ def play(m, tok, game, split, n, seed, rcfg, contexts=(None,), batch=128, option
     trajs = []
     for b, (i, j, part) in enumerate(plan):
         if part:
-            trajs += read_back(part, games.load_trajectories, lambda t: len(t) == j - i,
-                               f"it should hold {j - i} games; delete it to play them again")
+            trajs += read_games(part, j - i)
             continue
         done, desc = [], what + (f" {b + 1}/{len(plan)}" if len(plan) > 1 else "")
         for k, ctx in enumerate(contexts):
