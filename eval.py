@@ -93,6 +93,8 @@ def check_args(p, a):
     if not (1 <= a.n <= games.MAX_GAMES and a.seed >= 0 and min(a.max_turns, a.max_new_tokens, a.rollout_batch) >= 1):
         p.error(f"need 1 <= --n <= {games.MAX_GAMES}, --seed >= 0, and --max_turns, --max_new_tokens and "
                 "--rollout_batch >= 1")
+    if a.game == "textworld" and a.seed > games.TW_MAX_SET:
+        p.error(f"--seed {a.seed}: TextWorld's level sets go up to {games.TW_MAX_SET} (it takes 32-bit level seeds)")
     if a.budget is not None and a.budget < 1:
         p.error(f"--budget must be >= 1, got {a.budget}")
     if a.mode == "none" and a.context:

@@ -55,6 +55,8 @@ from tqdm import tqdm
 
 SPLITS = ("train", "test", "ood")  # disjoint level seeds: seed % 3 is the split's index
 MAX_GAMES = 10_000  # games per (split, seed) set; keeps the level seeds of different sets disjoint
+TW_MAX_SET = (2**32 - 9 * 7919) // (3 * MAX_GAMES) - 1  # the largest TextWorld set seed: TextWorld takes 32-bit
+# seeds, and up to it a set's level seeds, plus make_textworld's retries (+ 7919 each), stay below 2^32
 MAX_INVALID = 40  # characters of an invalid bracketed action the feedback and history repeat
 MAX_SIZE = 64  # board side: a 64x64 FrozenLake board is ~50k characters already (bigger ones hang level search)
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
@@ -371,7 +373,7 @@ def make_textworld(kind: str, level: int, seed: int) -> str:
     try:
         for attempt in range(10):  # some maps cannot hold the quest: derive another seed
             options = textworld.GameOptions()
-            options.seeds, options.path = (seed + attempt * 7919) % 2**32, os.path.join(tmp, "game.z8")
+            options.seeds, options.path = seed + attempt * 7919, os.path.join(tmp, "game.z8")
             try:
                 game = make(settings=settings, options=options)
                 break
@@ -539,6 +541,8 @@ def make_games(game: str, split: str, n: int, /, seed: int = 0, exclude=(), **op
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     if not 0 <= n <= MAX_GAMES or seed < 0:
         raise ValueError(f"need 0 <= n <= {MAX_GAMES} and seed >= 0, got n={n}, seed={seed}")
+    if game == "textworld" and seed > TW_MAX_SET:
+        raise ValueError(f"textworld set seeds go up to {TW_MAX_SET} (TextWorld takes 32-bit level seeds), got {seed}")
     hints = typing.get_type_hints(ENVS[game])  # the fields' types, also where annotations are strings
     names = [f.name for f in fields(ENVS[game]) if f.name != "seed"]
     for k, v in options.items():

@@ -116,6 +116,10 @@ def check_settings(cfg):
     for g in (cfg.game, cfg.ood_game):
         if g not in games.ENVS:
             raise SystemExit(f"error: unknown game {g!r}; choose from {', '.join(games.ENVS)}")
+    if (cfg.game == "textworld" and oel.deploy_seed(cfg, cfg.rounds - 1) > games.TW_MAX_SET) or \
+            (cfg.ood_game == "textworld" and cfg.n_ood and cfg.seed > games.TW_MAX_SET):  # the OOD set is --seed's
+        raise SystemExit(f"error: --seed {cfg.seed} is too large for TextWorld (with --rounds {cfg.rounds}): level "
+                         "seeds would pass 2^32, and TextWorld takes 32-bit seeds")
     try:
         check_game(cfg.game, cfg.game_options, cfg.max_turns)
     except ValueError as e:

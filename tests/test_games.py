@@ -578,6 +578,34 @@ def test_textworld_generation_retries_other_seeds_then_raises_nolevel(tmp_path, 
     assert os.listdir(tmp_path / "textworld") == []  # no temporary folder left
 
 
+def test_textworld_level_seeds_stay_within_its_32_bit_seeds(tmp_path, monkeypatch):
+    """TextWorld refuses seeds of 2^32 and more. Every level seed of the largest set make_games allows, with
+    make_textworld's retries, is one it takes; the next set is refused (it used to wrap around, onto other sets')."""
+    import textworld
+    import textworld.challenges
+    from textworld.generator import QuestGenerationError
+
+    with pytest.raises(ValueError, match="32 - 1"):
+        textworld.GameOptions().seeds = 2**32  # what the bound is for
+    top = max(games.level_seed(split, games.TW_MAX_SET, games.MAX_GAMES - 1) for split in games.SPLITS)
+    monkeypatch.setenv("OEL_CACHE", str(tmp_path))
+    tried = []
+
+    def cannot(settings, options):  # options.seeds was set: TextWorld took the seed
+        tried.append(options.seeds)
+        raise QuestGenerationError("no room for the quest")
+
+    desc, _, parser = textworld.challenges.CHALLENGES["tw-coin_collector"]
+    monkeypatch.setitem(textworld.challenges.CHALLENGES, "tw-coin_collector", (desc, cannot, parser))
+    with pytest.raises(games.NoLevel):
+        games.make_textworld("coin_collector", 1, top)  # all 10 tries
+    assert len(tried) == 10
+    assert make_games("textworld", "ood", 1, seed=games.TW_MAX_SET)[0].seed == games.level_seed("ood", games.TW_MAX_SET, 0)
+    with pytest.raises(ValueError, match=f"textworld set seeds go up to {games.TW_MAX_SET} .*got {games.TW_MAX_SET + 1}"):
+        make_games("textworld", "train", 1, seed=games.TW_MAX_SET + 1)
+    make_games("frozenlake", "train", 1, seed=games.TW_MAX_SET + 1)  # other games take any seed
+
+
 def test_textworld_game_is_marked_complete_only_when_whole(tmp_path, monkeypatch):
     """The .z8 file, whose presence tells the cache a game exists, is moved into place after the .json the interpreter
     also reads: a crash between the two leaves no game that looks complete, so the next call generates it again."""

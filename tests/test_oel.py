@@ -546,6 +546,15 @@ def test_train_rejects_bad_settings(tmp_path, capsys):
         train.check(train.parse_args(["--model", "tiny", "--topk", "1024"]))
     with pytest.raises(SystemExit, match="--extractor .* no config.json"):
         train.check(train.parse_args(["--model", "tiny", "--extractor", str(tmp_path)]))
+    tw = lambda *a: train.parse_args(["--model", "tiny", "--game", "textworld", "--ood_game", "frozenlake", *a])
+    train.check_settings(tw("--seed", "143", "--rounds", "163"))  # round 162's set: 143162, the largest TextWorld takes
+    for args in (("--seed", "143", "--rounds", "164"), ("--seed", "144")):
+        with pytest.raises(SystemExit, match=f"--seed {args[1]} is too large for TextWorld .*32-bit seeds"):
+            train.check_settings(tw(*args))
+    big = ["--model", "tiny", "--ood_game", "textworld", "--seed", str(games.TW_MAX_SET + 1)]  # the OOD set is --seed's
+    with pytest.raises(SystemExit, match="too large for TextWorld"):
+        train.check_settings(train.parse_args(big))
+    train.check_settings(train.parse_args([*big, "--n_ood", "0"]))
 
 
 def test_train_flags_reach_the_config():
@@ -837,6 +846,12 @@ def test_eval_checks_the_split_it_plays(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit):
             evaluation.main(args + more)
         assert match in capsys.readouterr().err
+    monkeypatch.setattr(evaluation, "check_game", lambda *a: None)  # (a TextWorld game takes seconds to generate)
+    monkeypatch.setattr(evaluation, "check_writable", lambda *a: sys.exit("past the checks"))
+    for seed, ok in ((games.TW_MAX_SET + 1, False), (games.TW_MAX_SET, True)):  # TextWorld takes 32-bit level seeds
+        with pytest.raises(SystemExit, match="past the checks" if ok else "2"):
+            evaluation.main(["--model", "tiny", "--game", "textworld", "--seed", str(seed), "--n", "1"])
+        assert (f"--seed {seed}: TextWorld's level sets go up to {games.TW_MAX_SET}" in capsys.readouterr().err) != ok
 
 
 def test_extract_pool_accumulates_saves_versions_and_resumes(tiny, tmp_path, monkeypatch):
