@@ -2092,3 +2092,121 @@ def test_out_of_gpu_memory_is_one_line_naming_what_to_lower(tmp_path, monkeypatc
     student, tok = modeling.load("tiny")
     with pytest.raises(torch.cuda.OutOfMemoryError):
         oel.consolidate(student, student, tok, [], [""], oel.OELConfig(), str(tmp_path / "state.pt"))
+
+
+def test_extraction_prompt_shows_no_empty_knowledge_and_asks_not_to_repeat_shown_knowledge():
+    """With no knowledge yet, showing it changes nothing (no empty section); shown knowledge comes with the request not
+    to repeat it, hidden knowledge without."""
+    t = fake_trajectory(0)
+    assert oel.extraction_prompt(t, "", True) == oel.extraction_prompt(t, "", False)
+    shown, hidden = oel.extraction_prompt(t, KNOWLEDGE, True), oel.extraction_prompt(t, KNOWLEDGE, False)
+    assert "not repeating the experience gathered so far" in shown
+    assert "not repeating" not in hidden
+
+
+def test_raw_context_orders_the_kept_episodes_newest_first(tiny):
+    """Raw trajectories in context: the newest episode first, episodes a blank line apart."""
+    _, tok = tiny
+    text = oel.raw_context([fake_trajectory(i) for i in range(3)], tok, 10**6)
+    assert text.index("state 2\n") < text.index("state 1\n") < text.index("state 0\n")
+    assert text.count("\n\n## Episode (") == 2
+
+
+def test_student_samples_from_the_full_distribution_at_the_kl_temperature(tiny, monkeypatch):
+    """On-policy: the student samples at the KL's temperature with neither top-p nor top-k (the distribution the loss
+    compares), up to max_new_tokens."""
+    calls = []
+    monkeypatch.setattr(oel.modeling, "generate", lambda m, tok, ids, **kw: calls.append(kw) or
+                        [modeling.Completion([1], "", [0.0], True) for _ in ids])
+    cfg = oel.OELConfig(batch_size=2, kl_temperature=0.5, max_new_tokens=7)
+    oel.sample_batch(tiny[0], tiny[1], [("frozenlake", "state 0"), ("frozenlake", "state 1")], ["k"], cfg, 0, 0)
+    assert [(kw["temperature"], kw["top_p"], kw["top_k"], kw["max_new_tokens"]) for kw in calls] == [(0.5, 1.0, 0, 7)]
+
+
+class TripleTok:
+    """A teacher tokenizer counting 3 tokens a character: longer counts than the extractor's (tiny)."""
+
+    def encode(self, text):
+        return list(text) * 3
+
+
+def test_extract_pool_counts_the_budget_in_the_teachers_tokenizer(tiny, tmp_path, monkeypatch):
+    """With another extractor, the knowledge budget counts the teacher's tokens (budget_tok), whose context it fills."""
+    _, tok = tiny
+    monkeypatch.setattr(oel.modeling, "generate", lambda m, tok, prompts, **kw: [
+        modeling.Completion([], f"{oel.MARKER} lesson from {tok.decode(p).split('state ')[1].split()[0]}", [], True)
+        for p in prompts])
+    trajs = [fake_trajectory(i) for i in range(3)]
+    cfg = oel.OELConfig(K=1, n=3, knowledge_budget=3 * len(f"{oel.MARKER} lesson from 0") + 5)  # one item
+    pool = oel.extract_pool(None, tok, trajs, cfg, str(tmp_path), 0, budget_tok=TripleTok())
+    assert len(pool[0].splitlines()) == 1 and len(TripleTok().encode(pool[0])) <= cfg.knowledge_budget
+    assert len(oel.extract_pool(None, tok, trajs, cfg, str(tmp_path / "same"), 0)[0].splitlines()) == 3
+
+
+def test_extract_pool_resumed_after_an_empty_step_gives_the_uninterrupted_pool(tiny, tmp_path, monkeypatch):
+    """An accumulation step that found no lesson saves an empty version; read back on resume it adds no blank item, so
+    the pool equals the uninterrupted run's."""
+    _, tok = tiny
+    first = oel.seed_of(0, 0, "extract", 1)
+    monkeypatch.setattr(oel.modeling, "generate", lambda m, tok, prompts, **kw: [
+        modeling.Completion([], "" if kw["seed"] == first else f"{oel.MARKER} a lesson", [], True) for _ in prompts])
+    cfg = oel.OELConfig(K=1, n=2)
+    trajs = [fake_trajectory(i) for i in range(2)]
+    whole = oel.extract_pool(None, tok, trajs, cfg, str(tmp_path), 0)
+    last = tmp_path / "knowledge" / "r0_k0_2.md"
+    saved = last.read_text()
+    last.unlink()  # killed before the last step was saved: step 1 (empty) is read back
+    assert oel.extract_pool(None, tok, trajs, cfg, str(tmp_path), 0) == whole == [f"{oel.MARKER} a lesson"]
+    assert last.read_text() == saved
+
+
+def test_offloaded_optimizer_keeps_weights_that_bfloat16_cannot_hold():
+    """--offload_optimizer's float32 master copy starts from the weights as they are: a trained float32 checkpoint (not
+    exact in bfloat16) takes the same step as with AdamW on the GPU."""
+    prompts = states("sokoban", "train", 2, 0)
+    cfg = oel.OELConfig(max_new_tokens=4, batch_size=2, micro_batch=2, steps=1, lr=1e-5, grad_ckpt=False)
+    runs = []
+    for offload in (False, True):
+        student, tok = modeling.load("tiny")
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        teacher = oel.frozen_copy(student, torch.float32)
+        oel.consolidate(student, teacher, tok, prompts, [KNOWLEDGE], replace(cfg, offload_optimizer=offload))
+        runs.append(student.state_dict())
+    for k, v in runs[0].items():
+        assert torch.allclose(runs[1][k], v, rtol=0, atol=1e-6), k
+
+
+def test_consolidation_freezes_a_loaded_teacher_and_trains_in_train_mode(monkeypatch):
+    """A teacher straight from modeling.load (as train_round's) gets no gradient, even through plain autograd (topk);
+    the student's loss runs in train mode (gradient checkpointing needs it) and the student is left in eval mode."""
+    student, tok = modeling.load("tiny")
+    teacher = modeling.load("tiny")[0]
+    real, modes = oel.distill_loss, []
+    monkeypatch.setattr(oel, "distill_loss", lambda s, *a: modes.append(s.training) or real(s, *a))
+    cfg = oel.OELConfig(max_new_tokens=4, batch_size=2, micro_batch=2, steps=1, lr=1e-3, topk=5)
+    oel.consolidate(student, teacher, tok, states("sokoban", "train", 2, 0), [KNOWLEDGE], cfg)
+    assert all(p.grad is None for p in teacher.parameters())
+    assert modes == [True] and not student.training
+
+
+def test_consolidation_steps_walk_through_the_rounds_own_prompts(monkeypatch):
+    """Step s of round r trains on sample_batch(..., s, r): the steps together cover every prompt, and the round's
+    own draws (not round 0's, nor step 0's every time)."""
+    student, tok = modeling.load("tiny")
+    teacher = oel.frozen_copy(student, torch.float32)
+    prompts, pool = states("sokoban", "train", 4, 0), ["k0", "k1", "k2"]
+    cfg = oel.OELConfig(max_new_tokens=2, batch_size=2, micro_batch=2, steps=2, lr=1e-3)
+    real, drawn = oel.sample_batch, []
+
+    def spy(*a):
+        batch = real(*a)
+        drawn.append([(b.state, b.knowledge) for b in batch])
+        return batch
+
+    monkeypatch.setattr(oel, "sample_batch", spy)
+    oel.consolidate(student, teacher, tok, prompts, pool, cfg, r=1)
+    assert sorted(s for batch in drawn for s, _ in batch) == sorted(s for _, s in prompts)
+    assert drawn == [[(b.state, b.knowledge) for b in real(student, tok, prompts, pool, cfg, step, 1)]
+                     for step in range(2)]
