@@ -470,6 +470,78 @@ def test_bad_inputs_raise(impl):
         FUSED[impl](h_s, w_s, h_t, w_t, torch.ones(2, 2, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kl_column_strided_teacher(impl):
+    """A column-strided teacher (a transposed view) gives float64's loss and gradient, like a column-strided student."""
+    s = logits(5, 300, torch.float32)[0]
+    t = logits(300, 5, torch.float32, seed=1)[0].t()  # [5, 300], strides (1, 5)
+    loss, grad = loss_and_grad(KL[impl], s, t, None, 0.7)
+    loss64, grad64 = loss_and_grad(kl64, s, t, None, 0.7)
+    assert abs(loss - loss64) / loss64 < 1e-5 and rel(grad, grad64) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("upstream", [0.0, -2.5])
+def test_zero_and_negative_upstream_gradients(impl, upstream):
+    """An upstream gradient of 0 zeroes the stored gradients (a KL term weighted by 0) and a negative one flips their
+    sign, on the logits path and the fused path."""
+    s, t = logits(6, 3000, torch.float32)
+    _, g1 = loss_and_grad(KL[impl], s, t, None, 0.7)
+    _, g = loss_and_grad(KL[impl], s, t, None, 0.7, upstream=upstream)
+    assert torch.allclose(g, g1 * upstream, rtol=1e-6, atol=0)
+    grads = []
+    for up in (1.0, upstream):
+        h_s, w_s, h_t, w_t = linear_inputs(6, 16, 300, torch.float32, tied=False)
+        (FUSED[impl](h_s, w_s, h_t, w_t, None, 0.7, chunk_size=4) * up).backward()
+        grads.append((h_s.grad, w_s.grad))
+    for a, b in zip(*grads):
+        assert torch.allclose(b, a * upstream, rtol=1e-6, atol=0)
+
+
+def test_kl_rows_triton_writes_only_its_rows_entries():
+    """kl_rows_triton writes a gradient row's V entries and nothing beyond, masked rows included (a write one past a
+    masked row lands on the next row's first entry: a race on a GPU)."""
+    if kernels.kl.triton is None:
+        pytest.skip("needs triton")
+    s, t = logits(4, 50, torch.float32)
+    big = torch.full((4, 51), 7.0)
+    grad = big[:, :50]  # row stride 51: the 51st column must stay untouched
+    valid, count = kernels.kl.flat_mask(torch.tensor([0, 1, 0, 1]), (4,), "cpu")
+    kernels.kl.kl_rows_triton(s, t, grad, valid, count, 0.7, True)
+    assert (big[:, 50] == 7.0).all() and (grad[[0, 2]] == 0).all()
+
+
+def test_scale_kernel_stays_in_bounds():
+    """The scale kernel scales its n elements and writes nothing after them."""
+    if kernels.kl.triton is None:
+        pytest.skip("needs triton")
+    n = 8192 + 5
+    big = torch.full((n + 3,), 2.0)
+    kernels.kl._scale_kernel[(1,)](big[:n], torch.tensor(3.0), n, 2, BLOCK=8192)
+    assert (big[:n] == 6.0).all() and (big[n:] == 2.0).all()
+
+
+def test_dispatchers_pass_reverse_on():
+    """kl_div and fused_linear_kl compute the forward KL when asked (reverse=False), not the default reverse KL."""
+    s, t = logits(4, 300, torch.float32)
+    assert abs(kl_div(s, t, None, 0.7, reverse=False) - kl64(s, t, None, 0.7, False)) < 1e-5 * kl64(s, t, None, 0.7, False)
+    h_s, w_s, h_t, w_t = linear_inputs(5, 16, 300, torch.float32, tied=False)
+    ref = fused_linear_kl_reference(h_s, w_s, h_t, w_t, None, 0.7, False)
+    assert torch.allclose(fused_linear_kl(h_s, w_s, h_t, w_t, None, 0.7, reverse=False), ref, rtol=1e-6)
+    assert not torch.allclose(fused_linear_kl(h_s, w_s, h_t, w_t, None, 0.7), ref, rtol=1e-3)
+
+
+@pytest.mark.parametrize("reverse", [True, False])
+def test_kl_torch_path_float64_with_full_mantissas(reverse):
+    """float64 logits that float32 cannot hold keep float64 accuracy on both sides (the other float64 tests' logits are
+    float32 values)."""
+    g = torch.Generator().manual_seed(0)
+    s, t = (torch.randn(5, 700, dtype=torch.float64, generator=g) * 4 for _ in range(2))
+    loss, grad = loss_and_grad(KL["torch"], s, t, None, 0.7, reverse)
+    loss64, grad64 = loss_and_grad(kl64, s, t, None, 0.7, reverse)
+    assert abs(loss - loss64) / loss64 < 1e-7 and rel(grad, grad64) < 1e-12  # the loss is returned in float32
+
+
 def test_default_chunk_fits_1gib():
     """At Qwen3-1.7B's sizes (T = 8192, H = 2048, V = 151,936, bf16) the default chunk's two [C, V] buffers plus the
     returned grad_W and grad_h stay under 1 GiB, with chunks large enough for efficient matmuls."""

@@ -891,3 +891,83 @@ def test_save_writes_bf16_and_the_chat_stop_tokens(tmp_path, tiny):
     assert (gen.do_sample, gen.temperature, gen.top_k, gen.eos_token_id) == (True, 0.6, 20, [im_end, endoftext, 7])
     M.save(model, tok, tmp_path / "again")  # a tokenizer without one leaves no stale template behind
     assert not (tmp_path / "again" / "chat_template.jinja").exists()
+
+
+@torch.no_grad()
+def test_uncached_forward_of_one_token(lm):
+    """A one-token forward without a cache (mask None) takes the SDPA path and equals the first position of a longer
+    forward (the grouped decode branch is only for cached steps)."""
+    model = lm[0]
+    idx = torch.tensor([[1, 50, 60], [1, 7, 8]])
+    assert torch.allclose(model(idx[:, :1]), model(idx)[:, :1], atol=1e-5)
+
+
+@torch.no_grad()
+def test_generate_stops_decoding_once_every_row_has_stopped(lm, monkeypatch):
+    """Once every row has hit a stop token, generate returns at the next sync instead of decoding an empty batch up to
+    max_new_tokens; and it never runs a decode step whose logits it does not sample from (n tokens: n - 1 steps)."""
+    model, tok = lm
+    tok = copy.copy(tok)
+    refs = [naive_greedy(model, p, 3)[0] for p in PROMPTS]
+    tok.stop_ids = sorted({r[1] for r in refs})  # every row stops by its second token
+    calls = []
+
+    class Step(M.DecodeStep):
+        def __call__(self, t, col):
+            calls.append(len(t))
+            return super().__call__(t, col)
+
+    monkeypatch.setattr(M, "DecodeStep", Step)
+    outs = M.generate(model, tok, PROMPTS, max_new_tokens=200, temperature=0)
+    assert all(o.stopped for o in outs)
+    assert len(calls) <= M.SYNC_EVERY, len(calls)
+    calls.clear()
+    tok.stop_ids = []
+    outs = M.generate(model, tok, PROMPTS, max_new_tokens=5, temperature=0)
+    assert all(len(o.tokens) == 5 for o in outs) and len(calls) == 4
+
+
+def test_top_p_keeps_the_head_that_reaches_it_exactly():
+    """With four equally likely tokens (0.25 each, exact in float32) top_p = 0.5 keeps exactly two: the head's
+    probability reaches top_p (>=), no third token is added."""
+    tok, _ = M.sample(torch.zeros(4000, 4), 1.0, 0.5, 0, torch.Generator().manual_seed(0))
+    assert len(set(tok.tolist())) == 2
+
+
+def test_sampler_never_draws_a_filtered_token_on_zero_noise(monkeypatch):
+    """An Exp(1) draw of exactly 0 (possible in float32) must not select a token that top-p removed: p / 0 = 0 / 0 = NaN
+    would win the argmax."""
+    real = torch.Tensor.exponential_
+
+    def zero_noise(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        return self.zero_()
+
+    monkeypatch.setattr(torch.Tensor, "exponential_", zero_noise)
+    logits = torch.tensor([[0.1, 2.0, -1.0, 1.2, 0.5, -0.3]])  # p = 0.507 for token 1: top_p 0.5 keeps it alone
+    for top_k in (0, 3):
+        tok, _ = M.sample(logits, 1.0, 0.5, top_k, torch.Generator().manual_seed(0))
+        assert tok.tolist() == [1], top_k
+
+
+@torch.no_grad()
+def test_generate_applies_top_p(lm):
+    """generate passes top_p to the sampler: a tiny top_p keeps only the most likely token, i.e. greedy."""
+    model, tok = lm
+    greedy = M.generate(model, tok, PROMPTS, max_new_tokens=12, temperature=0)
+    nucleus = M.generate(model, tok, PROMPTS, max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=3)
+    assert [o.tokens for o in nucleus] == [o.tokens for o in greedy]
+
+
+def test_chat_reasoning_edge_cases_like_the_template(tiny):
+    """As Qwen3's template: a reasoning_content is stripped of newlines and the content after it lstripped; an empty
+    reasoning_content is still the reasoning (the content's think block is kept as text); the content after the last
+    </think> is the answer."""
+    tok = tiny[1]
+    head = "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+    chat = lambda a: tok.chat([{"role": "user", "content": "Q"}, {"role": "assistant", **a}], thinking=True,
+                              add_generation_prompt=False)
+    assert chat({"content": "\n\nA", "reasoning_content": "\nR\n"}) == head + "<think>\nR\n</think>\n\nA<|im_end|>\n"
+    assert chat({"content": "<think>x</think>A", "reasoning_content": ""}) == (
+        head + "<think>\n\n</think>\n\n<think>x</think>A<|im_end|>\n")
+    assert chat({"content": "<think>a</think>b</think>c"}) == head + "<think>\na\n</think>\n\nc<|im_end|>\n"
