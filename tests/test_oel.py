@@ -2210,3 +2210,116 @@ def test_consolidation_steps_walk_through_the_rounds_own_prompts(monkeypatch):
     assert sorted(s for batch in drawn for s, _ in batch) == sorted(s for _, s in prompts)
     assert drawn == [[(b.state, b.knowledge) for b in real(student, tok, prompts, pool, cfg, step, 1)]
                      for step in range(2)]
+
+
+def test_play_saves_every_finished_batch_the_last_one_included(tiny, tmp_path, monkeypatch):
+    """Every finished batch, the last included, is saved under its own range, so a run killed before the set's file
+    is written replays no game when resumed."""
+    m, tok = tiny
+    rcfg = games.RolloutConfig(max_turns=1, max_new_tokens=2)
+    path = str(tmp_path / "set.jsonl")
+    real_save = games.save_trajectories
+
+    def killed_before_the_set(p, trajs):
+        if str(p) == path:
+            raise KeyboardInterrupt
+        real_save(p, trajs)
+
+    monkeypatch.setattr(games, "save_trajectories", killed_before_the_set)
+    with pytest.raises(KeyboardInterrupt):
+        oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set.jsonl.part0-2", "set.jsonl.part2-4", "set.jsonl.part4-5"]
+    monkeypatch.setattr(games, "save_trajectories", real_save)
+    monkeypatch.setattr(games, "rollout", lambda *a, **k: pytest.fail("replayed a finished batch"))
+    assert len(oel.play(m, tok, "sokoban", "test", 5, 0, rcfg, batch=2, path=path)) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set.jsonl"]
+
+
+def test_play_ignores_the_temporary_of_a_batch_file_cut_short(tiny, tmp_path):
+    """A batch file's temporary, left by a run killed while writing it, is not taken for a finished batch."""
+    m, tok = tiny
+    path = str(tmp_path / "set.jsonl")
+    (tmp_path / "set.jsonl.part0-2.tmp").write_text('{"game": "sok')
+    assert oel.part_files(path) == {}
+    trajs = oel.play(m, tok, "sokoban", "test", 3, 0, games.RolloutConfig(max_turns=1, max_new_tokens=2), batch=2,
+                     path=path)
+    assert len(trajs) == 3 and len(games.load_trajectories(path)) == 3
+
+
+def test_a_games_file_with_more_games_than_the_set_is_refused(tmp_path):
+    """A set's file holding more games than the set (a copy, a hand edit) ends the run with one line, as a short one does."""
+    path = str(tmp_path / "set.jsonl")
+    games.save_trajectories(path, [fake_trajectory(i) for i in range(3)])
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(path)} does not hold .* should hold 2 games"):
+        oel.play(None, None, "frozenlake", "test", 2, 0, None, path=path)
+
+
+def test_evaluate_plays_the_ood_set_with_its_own_games_defaults(tmp_path, monkeypatch):
+    """The test set is played with the run's game options, the out-of-distribution set with its game's defaults."""
+    played = []
+
+    def fake_rollout(m, tok, envs, rcfg, knowledge=None, seed=0, desc=""):
+        played.extend(envs)
+        return [games.Trajectory(game=e.name, seed=e.seed) for e in envs]
+
+    monkeypatch.setattr(oel.games, "rollout", fake_rollout)
+    cfg = oel.OELConfig(game="sokoban", game_options='{"size": 7}', ood_game="frozenlake", n_test=1, n_ood=1)
+    assert list(oel.evaluate(None, None, cfg, str(tmp_path))) == ["test", "ood"]
+    assert [(e.name, e.size) for e in played] == [("sokoban", 7), ("frozenlake", games.ENVS["frozenlake"]().size)]
+
+
+def test_frozen_copy_is_a_gradient_free_copy_in_the_asked_dtype():
+    """frozen_copy gives the same weights cast to the asked dtype, in eval mode, without gradients; the sampler and
+    teacher dtype is bfloat16 on a GPU, float32 on a CPU."""
+    m, _ = modeling.load("tiny")
+    c = oel.frozen_copy(m, torch.bfloat16)
+    assert not c.training and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in c.parameters())
+    for (k, v), w in zip(m.state_dict().items(), c.state_dict().values()):
+        assert torch.equal(v.to(torch.bfloat16), w), k
+    assert oel.infer_dtype("cuda") == oel.infer_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    assert oel.infer_dtype("cpu") == torch.float32
+
+
+def test_train_round_consolidates_under_its_own_round_and_removes_the_state(tmp_path, monkeypatch):
+    """A round's consolidation is seeded and logged as that round (not round 0), and its state file is removed once
+    the round's model is saved."""
+    rounds, real = [], oel.consolidate
+    monkeypatch.setattr(oel, "consolidate", lambda *a: rounds.append(a[-1]) or real(*a))
+    cfg = oel.OELConfig(model="tiny", game="sokoban", n_train=2, n_test=2, n_ood=0, K=1, n=1, steps=1, batch_size=1,
+                        micro_batch=1, max_new_tokens=3, extract_max_new_tokens=3, max_turns=1)
+    (tmp_path / "r1").mkdir()
+    oel.train_round(cfg, 1, str(tmp_path / "r1"), "tiny", "cpu")
+    assert rounds == [1]
+    assert (tmp_path / "r1" / "model" / "config.json").exists() and not (tmp_path / "r1" / "consolidate.pt").exists()
+
+
+def test_resume_compares_extractor_folders_by_meaning(tmp_path, monkeypatch):
+    """The extractor checkpoint spelled another way is the same setting on resume; another folder of its name is not."""
+    monkeypatch.chdir(tmp_path)
+    for d in ("ex", "run/base"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "run" / "base" / "eval.json").write_text("{}")
+    cfg = oel.OELConfig(model="tiny", out_dir="run", extractor="ex")
+    oel.atomic_write(tmp_path / "run" / "config.json", json.dumps(asdict(cfg)))
+    for spelled in ("./ex", str(tmp_path / "ex"), "ex/"):
+        oel.check_resume(replace(cfg, extractor=spelled))
+    (tmp_path / "other" / "ex").mkdir(parents=True)  # another folder of the same name is another checkpoint
+    with pytest.raises(SystemExit, match=r"other settings \(extractor\)"):
+        oel.check_resume(replace(cfg, extractor="other/ex"))
+
+
+def test_train_refuses_an_ood_set_that_is_the_trained_game_with_its_defaults_written_out():
+    """--ood_game equal to --game with default options spelled out is the training game, refused as with no options."""
+    for options in ('{"size": 3, "holes": 2}', '{"holes": 2}'):
+        with pytest.raises(SystemExit, match="--ood_game frozenlake is the game trained on, with its default options"):
+            train.check_settings(train.parse_args(["--model", "tiny", "--game", "frozenlake", "--ood_game", "frozenlake",
+                                                   "--game_options", options]))
+
+
+def test_each_rounds_log_line_shows_the_ood_pass_rate(tmp_path, monkeypatch, capsys):
+    """The evaluation log line of every round shows the out-of-distribution pass rate beside the test metrics."""
+    monkeypatch.setattr(oel, "evaluate", lambda m, tok, cfg, out_dir: {
+        "test": {"pass_rate": 0.25, "tokens_per_turn": 3.0, "mean_steps": 2.0}, "ood": {"pass_rate": 0.5}})
+    oel.run(oel.OELConfig(model="tiny", out_dir=str(tmp_path), rounds=0))
+    assert ("base | eval | test_pass_rate 0.250 | test_tokens_per_turn 3.0 | test_mean_steps 2.0 | ood_pass_rate 0.500"
+            in capsys.readouterr().out)
