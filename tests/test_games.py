@@ -810,3 +810,162 @@ def test_pregenerate_gives_the_uncached_games_to_a_worker_per_core(tmp_path, mon
     assert kwargs["initargs"] == (os.getpid(),)  # the parent, whose death ends the workers (on Linux)
     with real(1, **kwargs) as pool:  # a worker as pregenerate starts it
         assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+
+
+def test_bfs_counts_the_states_it_reached_solved_or_not():
+    """The solver reports how many states it reached, also when no move sequence wins (the Sokoban level search
+    charges them to its state budget: an unsolvable room must not be free)."""
+    env = Sokoban(max_moves=None)
+    env.load("# # # # # #\n# P X _ O #\n# # # # # #")  # two pushes right; a step back left is the 4th state
+    assert env.optimal == 2 and env.explored == 4
+    env.load("# # # # # #\n# X _ P O #\n# # # # # #")  # the box is stuck in the corner: 3 player cells, no win
+    assert env.optimal is None and env.explored == 3
+
+
+def test_board_settings_without_a_level_are_refused_when_made():
+    """A one-cell FrozenLake (start and goal on one cell), a negative hole count and a negative min_moves are refused
+    with the game's ValueError when the game is made, and min_moves 0 is allowed, as the message says."""
+    for make in (lambda: FrozenLake(size=1, holes=0), lambda: FrozenLake(holes=-1), lambda: Sokoban(min_moves=-1)):
+        with pytest.raises(ValueError, match="FrozenLake: need|Sokoban: need"):
+            make()
+    env = Sokoban(min_moves=0, seed=1)
+    env.reset()
+    assert 1 <= env.optimal <= 5
+
+
+def test_textworld_cache_needs_a_json_object(tmp_path, monkeypatch):
+    """A cached game whose .json is valid JSON but not an object (the interpreter's wrapper reads an object) is not
+    taken for a whole game."""
+    monkeypatch.setenv("OEL_CACHE", str(tmp_path))
+    path = games.textworld_file("coin_collector", 1, 5)
+    os.makedirs(os.path.dirname(path))
+    fake_game(path)
+    assert games.cached_textworld(path)
+    for text in ("[]", "null", "1"):
+        open(path.removesuffix(".z8") + ".json", "w").write(text)
+        assert not games.cached_textworld(path)
+
+
+def test_textworld_retries_use_no_other_levels_seed(tmp_path, monkeypatch):
+    """A train level whose quest cannot be generated retries from seeds that are no other level's of the nearby sets
+    (its own set's next levels, the same index's test and ood levels): a retried game never replays a held-out one."""
+    import textworld
+    import textworld.challenges
+    from textworld.generator import QuestGenerationError
+
+    monkeypatch.setenv("OEL_CACHE", str(tmp_path))
+    tried = []
+
+    def cannot(settings, options):
+        tried.append(str(options.seeds))  # the seeds TextWorld derives from the level seed (a dict)
+        raise QuestGenerationError("no room for the quest")
+
+    desc, _, parser = textworld.challenges.CHALLENGES["tw-coin_collector"]
+    monkeypatch.setitem(textworld.challenges.CHALLENGES, "tw-coin_collector", (desc, cannot, parser))
+    level = games.level_seed("train", 0, 0)
+    with pytest.raises(games.NoLevel):
+        games.make_textworld("coin_collector", 1, level)
+
+    def derived(seed):
+        options = textworld.GameOptions()
+        options.seeds = seed
+        return str(options.seeds)
+
+    others = {games.level_seed(split, s, i) for split in games.SPLITS for s in (0, 1) for i in range(128)} - {level}
+    assert len(set(tried)) == 10 and tried[0] == derived(level) and not set(tried) & {derived(s) for s in others}
+
+
+def test_textworld_no_level_stays_no_level_on_a_full_disk(tmp_path, monkeypatch):
+    """A quest that cannot be generated is NoLevel (advice on the settings) even when the disk is nearly full: only the
+    compiler's own errors are taken for a full disk."""
+    import textworld.challenges
+    from textworld.generator import QuestGenerationError
+
+    monkeypatch.setenv("OEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(games.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**20))
+
+    def cannot(settings, options):
+        raise QuestGenerationError("no room for the quest")
+
+    desc, _, parser = textworld.challenges.CHALLENGES["tw-coin_collector"]
+    monkeypatch.setitem(textworld.challenges.CHALLENGES, "tw-coin_collector", (desc, cannot, parser))
+    with pytest.raises(games.NoLevel, match="no coin_collector level 1 game could be generated"):
+        games.make_textworld("coin_collector", 1, 5)
+
+
+def test_make_games_without_exclude_plays_no_level(monkeypatch):
+    """Without `exclude` (or with an empty one) make_games only makes the games: it resets no level, so a TextWorld
+    set is not generated here, one game after the other, before the rollout generates it in parallel."""
+    seen = []
+    monkeypatch.setattr(games, "first_observation", lambda env: seen.append(env.seed))
+    monkeypatch.setattr(games, "pregenerate", lambda envs: seen.append("pregenerate"))
+    assert len(make_games("textworld", "test", 3, level=1)) == len(make_games("frozenlake", "test", 3, exclude=set())) == 3
+    assert seen == []
+
+@pytest.mark.parametrize("response", ["[[up]]", "I could go [left or [up]", "[[left]] no: [up]"])
+def test_parse_action_reads_the_innermost_brackets(response):
+    """A bracket inside another ([[up]], or an unclosed [ before the action) leaves the innermost bracketed text as
+    the action, not the text from the outer bracket on."""
+    assert parse_action(response, set(games.MOVES)) == parse_action(response) == "up"
+
+
+def test_rollout_keeps_a_long_valid_action_whole(monkeypatch):
+    """A valid action longer than MAX_INVALID characters (TextWorld commands can be) is played and recorded whole:
+    only an invalid bracket is cut for the feedback."""
+    import model
+
+    long = "take the red hot chili pepper from the kitchen counter"
+    assert len(long) > games.MAX_INVALID
+    env = make_games("frozenlake", "test", 1)[0]
+    played, step = [], env.step
+    monkeypatch.setattr(env, "valid_actions", lambda: set(games.MOVES) | {long})
+    monkeypatch.setattr(env, "step", lambda action: played.append(action) or step("up" if action == long else action))
+    monkeypatch.setattr(model, "generate", lambda m, tok, ids, **kw: [SimpleNamespace(text=f"I [{long.title()}]",
+                                                                                      tokens=[0])])
+    (traj,) = rollout(None, SimpleNamespace(user_ids=lambda content, thinking: [0]), [env], RolloutConfig(max_turns=1))
+    assert played == [long] and traj.turns[0].action == long
+
+
+def test_rollout_samples_with_the_configured_settings(monkeypatch):
+    """Every turn's generate call gets the RolloutConfig's token limit, temperature, top-p and top-k (deploy and
+    evaluation sample differently), and the rollout's seed for that turn."""
+    import model
+
+    seen = []
+    monkeypatch.setattr(model, "generate", lambda m, tok, ids, **kw: seen.append(kw) or
+                        [SimpleNamespace(text="[right]", tokens=[0])] * len(ids))
+    cfg = RolloutConfig(max_turns=2, max_new_tokens=7, temperature=0.3, top_p=0.6, top_k=5)
+    rollout(None, SimpleNamespace(user_ids=lambda content, thinking: [0]), make_games("frozenlake", "test", 2), cfg,
+            seed=2)
+    assert seen == [dict(max_new_tokens=7, temperature=0.3, top_p=0.6, top_k=5, seed=2000 + t) for t in range(2)]
+
+
+
+def test_save_trajectories_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
+    """A save that fails halfway (a full disk, an interrupt) leaves the previous file whole and readable: the episodes
+    go to a temporary file that replaces it only once complete."""
+    path = tmp_path / "t.jsonl"
+    old = [games.Trajectory(game="sokoban", seed=1)]
+    save_trajectories(path, old)
+    real, written = games.json.dumps, []
+
+    def dumps(obj, **kwargs):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(obj)
+        return real(obj, **kwargs)
+
+    monkeypatch.setattr(games.json, "dumps", dumps)
+    with pytest.raises(OSError):
+        save_trajectories(path, [games.Trajectory(game="frozenlake", seed=s) for s in (2, 3)])
+    monkeypatch.setattr(games.json, "dumps", real)
+    assert written and load_trajectories(path) == old
+
+
+def test_load_trajectories_line_without_turns(tmp_path):
+    """A line without its turns (valid JSON of the wrong shape, e.g. a hand edit) raises ValueError naming the file
+    and the line, not a bare KeyError."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"game": "sokoban", "seed": 2}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: malformed trajectory line \(KeyError"):
+        load_trajectories(path)
