@@ -263,7 +263,8 @@ def cli(main, lower="--rollout_batch (games or samples generated at once) or --m
         if isinstance(e, torch.cuda.OutOfMemoryError) or isinstance(e, accelerator) and "out of memory" in str(e):
             sys.exit(f"error: out of GPU memory: lower {lower} ({str(e).splitlines()[0]})")
         if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and e.filename:
-            in_cache = os.path.abspath(e.filename).startswith(os.path.abspath(games.cache_dir()))
+            cache = os.path.abspath(games.cache_dir())
+            in_cache = os.path.commonpath([os.path.abspath(e.filename), cache]) == cache
             hint = "; set OEL_CACHE to a folder you can write" if in_cache else ""
             sys.exit(f"error: {e.strerror}: {e.filename}{hint}")  # e.g. a read-only cache that lacks the games
         full = e if isinstance(e, OSError) else e.__context__  # torch.save to a Python file: RuntimeError after OSError

@@ -2056,6 +2056,10 @@ def test_a_file_it_may_not_write_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         train.cli(lambda: (_ for _ in ()).throw(denied))
     assert e.value.code == f"error: {os.strerror(errno.EACCES)}: {denied.filename}"
+    beside = OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "cache2" / "x"))  # not in the cache
+    with pytest.raises(SystemExit) as e:
+        train.cli(lambda: (_ for _ in ()).throw(beside))
+    assert e.value.code == f"error: {os.strerror(errno.EROFS)}: {beside.filename}"
     with pytest.raises(PermissionError):
         train.cli(lambda: (_ for _ in ()).throw(PermissionError(errno.EACCES, "denied")))
 
