@@ -55,8 +55,8 @@ from tqdm import tqdm
 
 SPLITS = ("train", "test", "ood")  # disjoint level seeds: seed % 3 is the split's index
 MAX_GAMES = 10_000  # games per (split, seed) set; keeps the level seeds of different sets disjoint
-TW_MAX_SET = (2**32 - 9 * 7919) // (3 * MAX_GAMES) - 1  # the largest TextWorld set seed: TextWorld takes 32-bit
-# seeds, and up to it a set's level seeds, plus make_textworld's retries (+ 7919 each), stay below 2^32
+TW_MAX_SET = 2**32 // (3 * MAX_GAMES) - 1  # the largest TextWorld set seed: its level seeds stay below 2^32
+# (TextWorld takes 32-bit seeds)
 MAX_INVALID = 40  # characters of an invalid bracketed action the feedback and history repeat
 MAX_SIZE = 64  # board side: a 64x64 FrozenLake board is ~50k characters already (bigger ones hang level search)
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
@@ -371,9 +371,13 @@ def make_textworld(kind: str, level: int, seed: int) -> str:
     make = textworld.challenges.CHALLENGES[f"tw-{kind}"][1]
     tmp = tempfile.mkdtemp(dir=folder)
     try:
-        for attempt in range(10):  # some maps cannot hold the quest: derive another seed
-            options = textworld.GameOptions()
-            options.seeds, options.path = seed + attempt * 7919, os.path.join(tmp, "game.z8")
+        for attempt in range(10):  # some maps cannot hold the quest (rare): retry from seeds no level uses
+            # TextWorld turns an int seed into four sub-seeds (map, objects, quest, grammar) below 65635; a retry draws
+            # its own four, which equal another level's only by a chance as small as two level seeds' coinciding
+            rng, keys = random.Random(f"textworld {seed} retry {attempt}"), ("map", "objects", "quest", "grammar")
+            options = textworld.GameOptions()  # (a str seed draws the same in every process)
+            options.seeds = seed if attempt == 0 else {k: rng.randrange(65635) for k in keys}
+            options.path = os.path.join(tmp, "game.z8")
             try:
                 game = make(settings=settings, options=options)
                 break

@@ -579,8 +579,8 @@ def test_textworld_generation_retries_other_seeds_then_raises_nolevel(tmp_path, 
 
 
 def test_textworld_level_seeds_stay_within_its_32_bit_seeds(tmp_path, monkeypatch):
-    """TextWorld refuses seeds of 2^32 and more. Every level seed of the largest set make_games allows, with
-    make_textworld's retries, is one it takes; the next set is refused (it used to wrap around, onto other sets')."""
+    """TextWorld refuses seeds of 2^32 and more. Every level seed of the largest set make_games allows is one it takes
+    (and its retries' seeds too); the next set is refused (it used to wrap around, onto other sets')."""
     import textworld
     import textworld.challenges
     from textworld.generator import QuestGenerationError
@@ -847,32 +847,56 @@ def test_textworld_cache_needs_a_json_object(tmp_path, monkeypatch):
 
 
 def test_textworld_retries_use_no_other_levels_seed(tmp_path, monkeypatch):
-    """A train level whose quest cannot be generated retries from seeds that are no other level's of the nearby sets
-    (its own set's next levels, the same index's test and ood levels): a retried game never replays a held-out one."""
+    """A train level whose quest cannot be generated retries from seeds that are no other level's, and the same in every
+    process: a retried game never replays a held-out one. Every int TextWorld takes is some level's seed (or above
+    them all), so a retry gives TextWorld its four sub-seeds, which differ from those of the nearby levels."""
     import textworld
     import textworld.challenges
     from textworld.generator import QuestGenerationError
 
     monkeypatch.setenv("OEL_CACHE", str(tmp_path))
-    tried = []
+    given, tried = [], []  # what make_textworld sets options.seeds to; the sub-seeds TextWorld makes of it
+
+    GameOptions = textworld.GameOptions
+
+    class Options(GameOptions):
+        seeds = property(GameOptions.seeds.fget,
+                         lambda self, value: given.append(value) or GameOptions.seeds.fset(self, value))
 
     def cannot(settings, options):
-        tried.append(str(options.seeds))  # the seeds TextWorld derives from the level seed (a dict)
+        tried.append(str(options.seeds))
         raise QuestGenerationError("no room for the quest")
 
-    desc, _, parser = textworld.challenges.CHALLENGES["tw-coin_collector"]
-    monkeypatch.setitem(textworld.challenges.CHALLENGES, "tw-coin_collector", (desc, cannot, parser))
-    level = games.level_seed("train", 0, 0)
-    with pytest.raises(games.NoLevel):
-        games.make_textworld("coin_collector", 1, level)
-
     def derived(seed):
-        options = textworld.GameOptions()
+        options = GameOptions()
         options.seeds = seed
         return str(options.seeds)
 
+    desc, _, parser = textworld.challenges.CHALLENGES["tw-coin_collector"]
+    monkeypatch.setitem(textworld.challenges.CHALLENGES, "tw-coin_collector", (desc, cannot, parser))
+    monkeypatch.setattr(textworld, "GameOptions", Options)
+    level = games.level_seed("train", 0, 0)
+    with pytest.raises(games.NoLevel):
+        games.make_textworld("coin_collector", 1, level)
+    assert given[0] == level and all(isinstance(s, dict) and len(s) == 4 for s in given[1:]) and len(given) == 10
     others = {games.level_seed(split, s, i) for split in games.SPLITS for s in (0, 1) for i in range(128)} - {level}
     assert len(set(tried)) == 10 and tried[0] == derived(level) and not set(tried) & {derived(s) for s in others}
+    code = f"""if True:
+        import games, textworld.challenges as c
+        from textworld.generator import QuestGenerationError
+        tried = []
+        def cannot(settings, options):
+            tried.append(str(options.seeds))
+            raise QuestGenerationError()
+        c.CHALLENGES["tw-coin_collector"] = (None, cannot, None)
+        try:
+            games.make_textworld("coin_collector", 1, {level})
+        except games.NoLevel:
+            print(tried)"""
+    for hash_seed in ("1", "2"):  # other processes, with other str hashes
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": hash_seed},
+                             cwd=Path(games.__file__).parent, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == str(tried)
 
 
 def test_textworld_no_level_stays_no_level_on_a_full_disk(tmp_path, monkeypatch):

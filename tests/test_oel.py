@@ -547,8 +547,8 @@ def test_train_rejects_bad_settings(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--extractor .* no config.json"):
         train.check(train.parse_args(["--model", "tiny", "--extractor", str(tmp_path)]))
     tw = lambda *a: train.parse_args(["--model", "tiny", "--game", "textworld", "--ood_game", "frozenlake", *a])
-    train.check_settings(tw("--seed", "143", "--rounds", "163"))  # round 162's set: 143162, the largest TextWorld takes
-    for args in (("--seed", "143", "--rounds", "164"), ("--seed", "144")):
+    train.check_settings(tw("--seed", "143", "--rounds", "165"))  # round 164's set: 143164, the largest TextWorld takes
+    for args in (("--seed", "143", "--rounds", "166"), ("--seed", "144")):
         with pytest.raises(SystemExit, match=f"--seed {args[1]} is too large for TextWorld .*32-bit seeds"):
             train.check_settings(tw(*args))
     big = ["--model", "tiny", "--ood_game", "textworld", "--seed", str(games.TW_MAX_SET + 1)]  # the OOD set is --seed's
