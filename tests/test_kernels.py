@@ -278,13 +278,17 @@ def test_impl_picks_the_path_and_chunks_are_as_asked(monkeypatch):
     fused_module = sys.modules["kernels.fused_linear_kl"]
     s, t = logits(3, 40, torch.float32)
     h_s, w_s, h_t, w_t = linear_inputs(11, 8, 40, torch.float32, tied=False)
-    for module, call in ((kernels.kl, lambda impl: kl_div(s, t, impl=impl)),
-                         (fused_module, lambda impl: fused_linear_kl(h_s, w_s, h_t, w_t, impl=impl))):
+
+    def on(dev, *xs):  # Triton runs on DEV (interpreted on a CPU); the torch rows on CPU tensors
+        return [x.to(dev) for x in xs]
+
+    for module, call in ((kernels.kl, lambda impl, dev: kl_div(*on(dev, s, t), impl=impl)),
+                         (fused_module, lambda impl, dev: fused_linear_kl(*on(dev, h_s, w_s, h_t, w_t), impl=impl))):
         calls = record_rows_fn(monkeypatch, module)
-        call("triton")
+        call("triton", DEV)
         assert calls == []
-        call("torch")
-        call(None)
+        call("torch", "cpu")
+        call(None, "cpu")
         assert len(calls) == 2
     calls = record_rows_fn(monkeypatch, fused_module)
     fused_linear_kl(h_s, w_s, h_t, w_t, impl="torch", chunk_size=4)
@@ -503,10 +507,10 @@ def test_kl_rows_triton_writes_only_its_rows_entries():
     masked row lands on the next row's first entry: a race on a GPU)."""
     if kernels.kl.triton is None:
         pytest.skip("needs triton")
-    s, t = logits(4, 50, torch.float32)
-    big = torch.full((4, 51), 7.0)
+    s, t = (x.to(DEV) for x in logits(4, 50, torch.float32))
+    big = torch.full((4, 51), 7.0, device=DEV)
     grad = big[:, :50]  # row stride 51: the 51st column must stay untouched
-    valid, count = kernels.kl.flat_mask(torch.tensor([0, 1, 0, 1]), (4,), "cpu")
+    valid, count = kernels.kl.flat_mask(torch.tensor([0, 1, 0, 1], device=DEV), (4,), DEV)
     kernels.kl.kl_rows_triton(s, t, grad, valid, count, 0.7, True)
     assert (big[:, 50] == 7.0).all() and (grad[[0, 2]] == 0).all()
 
@@ -516,8 +520,8 @@ def test_scale_kernel_stays_in_bounds():
     if kernels.kl.triton is None:
         pytest.skip("needs triton")
     n = 8192 + 5
-    big = torch.full((n + 3,), 2.0)
-    kernels.kl._scale_kernel[(1,)](big[:n], torch.tensor(3.0), n, 2, BLOCK=8192)
+    big = torch.full((n + 3,), 2.0, device=DEV)
+    kernels.kl._scale_kernel[(1,)](big[:n], torch.tensor(3.0, device=DEV), n, 2, BLOCK=8192)
     assert (big[:n] == 6.0).all() and (big[n:] == 2.0).all()
 
 
