@@ -299,9 +299,9 @@ def test_impl_picks_the_path_and_chunks_are_as_asked(monkeypatch):
 
 
 def test_bad_arguments_raise_and_masks_are_boolean():
-    """An unknown impl, a temperature that is not positive and finite (nor 1 / it) and a chunk size or group below 1
-    raise; a 0-dim tensor temperature works; a 0/1 mask of any dtype counts rows, not values; second-order gradients
-    are refused rather than silently zero."""
+    """An unknown impl, a temperature that is not positive and finite (nor 1 / it) and a chunk size below 1 raise; a
+    0-dim tensor temperature works; a 0/1 mask of any dtype counts rows, not values; second-order gradients are
+    refused rather than silently zero."""
     s, t = logits(3, 40, torch.float32)
     with pytest.raises(ValueError, match="impl must be"):
         kl_div(s, t, impl="Triton")
@@ -314,9 +314,9 @@ def test_bad_arguments_raise_and_masks_are_boolean():
         with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
             fused_linear_kl(h_s, w_s, h_t, w_t, temperature=temperature)
     assert kl_div(s, t, temperature=torch.tensor(0.7)) == kl_div(s, t, temperature=0.7)  # a 0-dim tensor is a float
-    for chunk_size, group in ((-1, 1), (None, 0)):
-        with pytest.raises(ValueError, match="chunk_size must be >= 1 .* and group >= 1"):
-            fused_linear_kl(h_s, w_s, h_t, w_t, chunk_size=chunk_size, group=group)
+    for chunk_size in (-1, 0):
+        with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+            fused_linear_kl(h_s, w_s, h_t, w_t, chunk_size=chunk_size)
     boolean = kl_div(s, t, torch.tensor([True, False, True]))
     assert kl_div(s, t, torch.tensor([2, 0, 1])) == boolean == kl_div(s, t, torch.tensor([0.5, 0.0, 1.0]))
     s, w = s.requires_grad_(), torch.tensor(2.0, requires_grad=True)
@@ -338,8 +338,7 @@ def linear_inputs(T, H, V, dtype, tied, seed=0):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("tied", [True, False])
 def test_fused_linear_matches_logits_path(impl, tied):
-    """fused_linear_kl over ragged chunks, their gradients one chunk at a time or in groups, gives the logits path's
-    loss and grads for h and W; the teacher gets none."""
+    """fused_linear_kl over ragged chunks gives the logits path's loss and grads for h and W; the teacher gets none."""
     h_s, w_s, h_t, w_t = linear_inputs(11, 32, 1100, torch.float32, tied)
     w_t = w_s if tied else w_t
     mask = torch.rand(11, generator=torch.Generator().manual_seed(3)) > 0.3
@@ -351,8 +350,8 @@ def test_fused_linear_matches_logits_path(impl, tied):
     assert rel(h_s.grad, grads_ref[0]) < 1e-5 and rel(w_s.grad, grads_ref[1]) < 1e-5
     assert h_t.grad is None and (tied or w_t.grad is None)
     assert torch.allclose(fused_linear_kl(h_s, w_s, h_t, w_t, mask, 0.7), loss, rtol=1e-5)  # default chunk, CPU path
-    for chunk_size, group in ((4, 2), (3, 3)):  # groups of 2 and 3 chunks of gradients; the last group ragged too
-        loss_g = FUSED[impl](h_s, w_s, h_t, w_t, mask, 0.7, chunk_size=chunk_size, group=group)
+    for chunk_size in (3, 16):  # 3 + 3 + 3 + 2 rows; one chunk of all 11
+        loss_g = FUSED[impl](h_s, w_s, h_t, w_t, mask, 0.7, chunk_size=chunk_size)
         grads = torch.autograd.grad(loss_g * 2.5, (h_s, w_s))
         assert abs(loss_g.item() - ref.item()) / ref.item() < 1e-5
         assert rel(grads[0], grads_ref[0]) < 1e-5 and rel(grads[1], grads_ref[1]) < 1e-5
