@@ -5,7 +5,6 @@ model of Qwen3-1.7B's exact shape in bf16: greedy, fixed-length prompts, no earl
     python bench/generate.py                    # GPU: prompt 512, 256 new tokens, batch 1/16/64
     python bench/generate.py --tiny             # CPU smoke run at a tiny shape
     python bench/generate.py --profile          # the kernels of one batch-1 decode step
-    python bench/generate.py --no-hf --cdt      # experiment: also time the step compiled with coordinate descent tuning
     python bench/generate.py --other .ab/m.py   # also time another version of model.py (see --help), same weights
 
 prefill = time of a 1-token generate call; decode tok/s = B * (N - 1) / (time(N tokens) - prefill).
@@ -89,8 +88,6 @@ def main():
     p.add_argument("--new", type=int, default=256, help="new tokens per row")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     p.add_argument("--profile", action="store_true", help="only profile one batch-1 decode step")
-    p.add_argument("--cdt", action="store_true", help="also time (or --profile) ours compiled with inductor's "
-                   "coordinate descent tuning, which turns batch-1 matmuls into tuned Triton reductions")
     p.add_argument("--other", metavar="MODEL_PY", help="also time this version of model.py, e.g. an older one: "
                    "`mkdir -p .ab && git show REV:model.py > .ab/model_REV.py` (.ab is git-ignored: carry it)")
     args = p.parse_args()
@@ -100,17 +97,17 @@ def main():
         cfg, dtype, args.batch, args.prompt, args.new = replace(M.TINY, vocab_size=1024), torch.float32, [1, 4], 32, 16
 
     ours = random_model(cfg, device, dtype).eval()
-    cdt = torch.compile(M.decode_logits, fullgraph=True, dynamic=True, options={"coordinate_descent_tuning": True})
     if args.profile:
-        return profile_step(ours, dtype, device, cdt if args.cdt else M.decode_logits_compiled)
+        return profile_step(ours, dtype, device, M.decode_logits_compiled_b1)
 
-    def ours_run(idx, n, step_fn=M.decode_logits_compiled, model=ours):  # step_fn replaces the compiled step
-        saved = M.decode_logits_compiled
-        M.decode_logits_compiled = step_fn
+    def ours_run(idx, n, eager=False):  # eager: the uncompiled step, still recorded as a CUDA graph
+        saved = M.decode_logits_compiled, M.decode_logits_compiled_b1
+        if eager:
+            M.decode_logits_compiled = M.decode_logits_compiled_b1 = M.decode_logits
         try:
-            return M.generate(model, NoStop(), idx.tolist(), max_new_tokens=n, temperature=0)
+            return M.generate(ours, NoStop(), idx.tolist(), max_new_tokens=n, temperature=0)
         finally:
-            M.decode_logits_compiled = saved
+            M.decode_logits_compiled, M.decode_logits_compiled_b1 = saved
 
     def same_tokens(run):  # greedy tokens of run against ours, on fresh prompts (the first batch size: one compile)
         idx = torch.randint(0, cfg.vocab_size, (args.batch[0], 16), device=device)
@@ -118,12 +115,7 @@ def main():
             same = [c.tokens for c in ours_run(idx, 8)] == [c.tokens for c in run(idx, 8)]
         return "equal" if same else "DIFFER (bf16 rounding?)"
 
-    systems = {"ours": ours_run}
-    if not args.cdt:
-        systems["ours eager"] = lambda idx, n: ours_run(idx, n, M.decode_logits)
-    else:  # the experiment leaves out the uncompiled step, to fit one GPU call
-        systems["ours cdt"] = lambda idx, n: ours_run(idx, n, cdt)
-        print(f"coordinate descent tuning: greedy tokens {same_tokens(systems['ours cdt'])}")
+    systems = {"ours": ours_run, "ours eager": lambda idx, n: ours_run(idx, n, eager=True)}
     if args.other:
         name = Path(args.other).stem
         spec = importlib.util.spec_from_file_location(name, args.other)

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Everything a lent GPU should run, in priority order, each step time-boxed; logs go to $OUT (or runs/gpu).
-# Usage: bash bench/gpu_all.sh [STEP...]   steps: cuda kernels generate ab cdt kl kfused tests hf smoke profile sweep
+# Usage: bash bench/gpu_all.sh [STEP...]   steps: cuda kernels generate ab kl tests hf smoke profile sweep
 #        consolidate consolidate4b (default: cuda generate kl)
 # Liger-Kernel for bench/kl.py travels as a wheel in .whl/ (git-ignored; carry it): fetch it on a networked machine
 # with `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel`.
@@ -22,16 +22,14 @@ for step in ${@:-cuda generate kl}; do
         tests) timeout 540 python3 -m pytest -q -x tests/test_model.py tests/test_kernels.py tests/test_oel.py ;;
         generate) timeout 450 python3 bench/generate.py --no-hf ;;
         ab) timeout 400 python3 bench/generate.py --no-hf --batch 1 --other .ab/model_next.py ;;
-        cdt) timeout 400 python3 bench/generate.py --no-hf --batch 1 --cdt ;;
         hf) timeout 420 python3 bench/generate.py --new 64 ;;
         kl) timeout 180 python3 bench/kl.py ;;
-        kfused) timeout 150 python3 bench/kl_fused.py ;;
         smoke) timeout 540 python3 bench/train_smoke.py ;;
-        profile) timeout 120 python3 bench/generate.py --profile; timeout 240 python3 bench/generate.py --profile --cdt ;;
+        profile) timeout 240 python3 bench/generate.py --profile ;;
         sweep) timeout 300 python3 bench/kl_sweep.py ;;
         consolidate) timeout 300 python3 bench/consolidate.py ;;
         consolidate4b) timeout 400 python3 bench/consolidate.py --shape 4b --offload --steps 1 ;;
-        *) echo "unknown step $step (steps: cuda kernels tests generate ab cdt hf kl kfused smoke profile sweep consolidate consolidate4b)"; false ;;
+        *) echo "unknown step $step (steps: cuda kernels tests generate ab hf kl smoke profile sweep consolidate consolidate4b)"; false ;;
     esac > "$OUT/$step.log" 2>&1
     echo "=== $step exit $? $(date -u +%H:%M:%S)"; tail -n 14 "$OUT/$step.log"
 done
