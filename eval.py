@@ -97,8 +97,9 @@ def check_args(p, a):
         p.error(f"--seed {a.seed}: TextWorld's level sets go up to {games.TW_MAX_SET} (it takes 32-bit level seeds)")
     if a.budget is not None and a.budget < 1:
         p.error(f"--budget must be >= 1, got {a.budget}")
-    if a.mode == "none" and a.context:
-        p.error("--context is only read by --mode knowledge or raw")
+    for flag in ("context", "budget"):
+        if a.mode == "none" and getattr(a, flag) is not None:
+            p.error(f"--{flag} is only read by --mode knowledge or raw")
     if a.out and not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
         p.error(f"--out {a.out}: its folder does not exist")
     try:

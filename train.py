@@ -102,9 +102,10 @@ def check_settings(cfg):
     if max(cfg.n_train, cfg.n_test, cfg.n_ood) > games.MAX_GAMES:
         raise SystemExit(f"error: --n_train, --n_test and --n_ood must be <= {games.MAX_GAMES}")
     if cfg.n > cfg.n_train:
-        preset = " (the tiny preset's)" if cfg.model == "tiny" and cfg.n == TINY_RUN["n"] else ""
-        raise SystemExit(f"error: --n {cfg.n}{preset} is more than --n_train {cfg.n_train}: each accumulation reads n "
-                         "of the round's deploy games")
+        preset = (f" (--model tiny sets --n {TINY_RUN['n']} and --n_train {TINY_RUN['n_train']} where they are not "
+                  "given)" if cfg.model == "tiny" else "")
+        raise SystemExit(f"error: --n {cfg.n} is more than --n_train {cfg.n_train}: each accumulation reads n of the "
+                         f"round's deploy games{preset}")
     if not all(0 < x < math.inf for x in (cfg.lr, cfg.kl_temperature, cfg.grad_clip)):  # NaN fails too
         raise SystemExit("error: --lr, --kl_temperature and --grad_clip must be finite and > 0")
     if cfg.kl_temperature < modeling.MIN_TEMPERATURE:  # the student samples at it too
@@ -116,10 +117,12 @@ def check_settings(cfg):
     for g in (cfg.game, cfg.ood_game):
         if g not in games.ENVS:
             raise SystemExit(f"error: unknown game {g!r}; choose from {', '.join(games.ENVS)}")
-    if (cfg.game == "textworld" and oel.deploy_seed(cfg, cfg.rounds - 1) > games.TW_MAX_SET) or \
-            (cfg.ood_game == "textworld" and cfg.n_ood and cfg.seed > games.TW_MAX_SET):  # the OOD set is --seed's
-        raise SystemExit(f"error: --seed {cfg.seed} is too large for TextWorld (with --rounds {cfg.rounds}): level "
-                         "seeds would pass 2^32, and TextWorld takes 32-bit seeds")
+    too_large = "level seeds would pass 2^32, and TextWorld takes 32-bit seeds"
+    if cfg.game == "textworld" and oel.deploy_seed(cfg, cfg.rounds - 1) > games.TW_MAX_SET:
+        raise SystemExit(f"error: --seed {cfg.seed} is too large for TextWorld with --rounds {cfg.rounds}: {too_large}")
+    if cfg.ood_game == "textworld" and cfg.n_ood and cfg.seed > games.TW_MAX_SET:  # the OOD set is --seed's
+        raise SystemExit(f"error: --seed {cfg.seed} is too large for the TextWorld --ood_game (at most "
+                         f"{games.TW_MAX_SET}): {too_large}")
     try:
         check_game(cfg.game, cfg.game_options, cfg.max_turns)
     except ValueError as e:
@@ -261,7 +264,8 @@ def cli(main, lower="--rollout_batch (games or samples generated at once) or --m
         # torch >= 2.8 raises an AcceleratorError for an OOM while a CUDA graph is recorded (pytorch#159594)
         accelerator = getattr(torch, "AcceleratorError", ())
         if isinstance(e, torch.cuda.OutOfMemoryError) or isinstance(e, accelerator) and "out of memory" in str(e):
-            sys.exit(f"error: out of GPU memory: lower {lower} ({str(e).splitlines()[0]})")
+            why = (str(e).strip().splitlines() or [""])[0]  # torch's first line, where it gives one
+            sys.exit(f"error: out of GPU memory: lower {lower}" + (f" ({why})" if why else ""))
         if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and e.filename:
             cache = os.path.abspath(games.cache_dir())
             in_cache = os.path.commonpath([os.path.abspath(e.filename), cache]) == cache

@@ -534,8 +534,11 @@ def test_train_rejects_bad_settings(tmp_path, capsys):
         train.check_settings(train.parse_args(["--model", "tiny", "--n_train", "10001"]))
     with pytest.raises(SystemExit, match="--n 9 is more than --n_train 8: each accumulation reads n"):
         train.check_settings(train.parse_args(["--model", "tiny", "--n", "9"]))  # the preset's n_train
-    with pytest.raises(SystemExit, match=r"--n 4 \(the tiny preset's\) is more than --n_train 2"):
-        train.check_settings(train.parse_args(["--model", "tiny", "--n_train", "2"]))
+    for given in (["--n_train", "2"], ["--n", "4", "--n_train", "2"]):  # the hint holds whether --n was typed or not
+        with pytest.raises(SystemExit) as e:
+            train.check_settings(train.parse_args(["--model", "tiny", *given]))
+        assert e.value.code == ("error: --n 4 is more than --n_train 2: each accumulation reads n of the round's deploy "
+                                "games (--model tiny sets --n 4 and --n_train 8 where they are not given)")
     train.check_settings(train.parse_args(["--model", "tiny", "--n", "8"]))
     with pytest.raises(SystemExit, match="--extractor is unused with --context raw"):
         train.check_settings(train.parse_args(["--model", "tiny", "--context", "raw", "--extractor", "tiny"]))
@@ -549,11 +552,16 @@ def test_train_rejects_bad_settings(tmp_path, capsys):
     tw = lambda *a: train.parse_args(["--model", "tiny", "--game", "textworld", "--ood_game", "frozenlake", *a])
     train.check_settings(tw("--seed", "143", "--rounds", "165"))  # round 164's set: 143164, the largest TextWorld takes
     for args in (("--seed", "143", "--rounds", "166"), ("--seed", "144")):
-        with pytest.raises(SystemExit, match=f"--seed {args[1]} is too large for TextWorld .*32-bit seeds"):
+        rounds = args[3] if len(args) > 2 else oel.OELConfig.rounds
+        with pytest.raises(SystemExit, match=f"--seed {args[1]} is too large for TextWorld with --rounds {rounds}: "
+                                             ".*32-bit seeds"):
             train.check_settings(tw(*args))
     big = ["--model", "tiny", "--ood_game", "textworld", "--seed", str(games.TW_MAX_SET + 1)]  # the OOD set is --seed's
-    with pytest.raises(SystemExit, match="too large for TextWorld"):
+    with pytest.raises(SystemExit) as e:  # only the OOD set is too large: the message names no --rounds
         train.check_settings(train.parse_args(big))
+    assert e.value.code == (f"error: --seed {games.TW_MAX_SET + 1} is too large for the TextWorld --ood_game (at most "
+                            f"{games.TW_MAX_SET}): level seeds would pass 2^32, and TextWorld takes 32-bit seeds")
+    train.check_settings(train.parse_args([*big[:-1], str(games.TW_MAX_SET)]))
     train.check_settings(train.parse_args([*big, "--n_ood", "0"]))
 
 
@@ -1034,7 +1042,8 @@ def test_eval_defaults_follow_the_run(tmp_path, capsys):
                        (["--options", "{size"], "--options '{size' for frozenlake"),
                        (["--game", "sokoban", "--options", '{"size": 2}'], "for sokoban: Sokoban: need 5 <= size <= 64"),
                        ([*k, "--budget", "0"], "--budget must be >= 1"),
-                       (["--context", str(tmp_path / "k.md")], "--context is only read by --mode knowledge or raw")):
+                       (["--context", str(tmp_path / "k.md")], "--context is only read by --mode knowledge or raw"),
+                       (["--budget", "100"], "--budget is only read by --mode knowledge or raw")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:  # the flag's own message, not the missing model's
             evaluation.main(["--model", str(tmp_path / "not-loaded"), *bad])
@@ -2081,6 +2090,9 @@ def test_out_of_gpu_memory_is_one_line_naming_what_to_lower(tmp_path, monkeypatc
             train.cli(lambda: (_ for _ in ()).throw(torch.AcceleratorError("CUDA error: out of memory\nCUDA kernel")))
         with pytest.raises(torch.AcceleratorError):  # another CUDA error keeps its traceback
             train.cli(lambda: (_ for _ in ()).throw(torch.AcceleratorError("CUDA error: an illegal memory access")))
+    with pytest.raises(SystemExit) as e:  # no message from torch: no empty parentheses (nor an IndexError)
+        train.cli(lambda: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError()))
+    assert e.value.code.endswith("the run resumes where it stopped")
     monkeypatch.delattr(torch, "AcceleratorError", raising=False)  # older torch: a full disk is still one line
     with pytest.raises(SystemExit, match="^error: the disk is full"):
         train.cli(lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
