@@ -578,6 +578,21 @@ def test_train_flags_reach_the_config():
     assert [train.parse_bool_or_none(s) for s in ("None", "1", "0")] == [None, True, False]
 
 
+def test_tiny_preset_writes_apart_and_help_shows_each_flag(capsys):
+    """--model tiny writes to runs/tiny, not the default run's folder; --help gives each flag its field's comment and
+    default, and ends with the tiny preset's defaults."""
+    assert train.parse_args(["--model", "tiny"]).out_dir == "runs/tiny" != oel.OELConfig().out_dir
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal's width
+    assert e.value.code == 0 and out.count("(default: ") == len(asdict(oel.OELConfig()))
+    assert "The driver: the whole OEL loop on one GPU" in out
+    assert ("--steps STEPS optimizer steps per round (paper's code: 20 for 1.7B/4B FrozenLake, 100 for 8B and "
+            "Sokoban) (default: 20)") in out
+    assert "--model MODEL checkpoint dir, Hub id, or 'tiny' (default: 'Qwen/Qwen3-1.7B')" in out
+    assert out.endswith("--model tiny changes these defaults: " + " ".join(json.dumps(train.TINY_RUN).split()))
+
+
 def test_train_rejects_every_count_below_one_and_sets_beyond_max_games():
     """Each count that a run divides by or loops over is checked (not only --steps); every game set is capped."""
     for name in ("rounds", "K", "n", "n_train", "n_test", "rollout_batch", "steps", "batch_size", "micro_batch",
@@ -588,6 +603,16 @@ def test_train_rejects_every_count_below_one_and_sets_beyond_max_games():
         with pytest.raises(SystemExit, match="must be <= 10000"):
             train.check_settings(train.parse_args(["--model", "tiny", flag, "10001"]))
         train.check_settings(train.parse_args(["--model", "tiny", flag, "10000"]))  # the limit itself is fine
+
+
+def test_train_settings_messages_fit_the_run():
+    """The --n hint names the tiny preset only for --model tiny; a --seed too large for TextWorld is fine where no
+    TextWorld is played."""
+    with pytest.raises(SystemExit) as e:
+        train.check_settings(train.parse_args(["--n", "20", "--n_train", "10"]))
+    assert e.value.code == "error: --n 20 is more than --n_train 10: each accumulation reads n of the round's deploy games"
+    train.check_settings(train.parse_args(["--model", "tiny", "--game", "sokoban", "--ood_game", "frozenlake", "--seed",
+                                           str(1000 * games.TW_MAX_SET)]))
 
 
 def test_train_checkpoint_checks_count_memory_disk_and_tokens(tmp_path, monkeypatch):
@@ -663,6 +688,15 @@ def test_train_checks_settings_before_any_download_then_fetches_both_checkpoints
     assert runs[0].model == runs[0].extractor == local
 
 
+def test_resolve_model_takes_a_local_folder_as_it_is(tmp_path, monkeypatch):
+    """A checkpoint folder, also a relative one spelled like a Hub id (runs/ck), is used as it is, not fetched."""
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, **kw: pytest.fail(f"fetched {name}"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "ck").mkdir(parents=True)
+    assert train.resolve_model("runs/ck") == "runs/ck"
+    assert train.resolve_model(str(tmp_path / "runs" / "ck"), "--extractor") == str(tmp_path / "runs" / "ck")
+
+
 def test_summary_and_ctrl_c_handler():
     """The summary's first row is the base model, round 0 is round 0, a run without an OOD set shows "-"; the Ctrl-C
     handler is only in place inside its block, however it ends (eval.main and train.main can be called from Python)."""
@@ -679,6 +713,15 @@ def test_summary_and_ctrl_c_handler():
     with pytest.raises(SystemExit), train.stop_on_ctrl_c("x"):  # also when the block ends with an error
         raise SystemExit("error: the loss diverged")
     assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
+
+
+def test_summary_shows_zero_rates_and_the_ood_column():
+    """A rate or count of 0 prints as a number ("-" means no OOD set), and a run with an OOD set fills its column."""
+    rows = [{"round": -1, "test_pass_rate": 0.0, "test_tokens_per_turn": 0.0, "test_mean_steps": 5.0, "ood_pass_rate": 0.0},
+            {"round": 1, "test_pass_rate": 0.5, "test_tokens_per_turn": 12.0, "test_mean_steps": 4.0, "ood_pass_rate": 0.25}]
+    cells = [[c.strip() for c in line.split("|")] for line in train.summary(rows).splitlines()]
+    assert cells == [["round", "test pass", "tok/turn", "steps", "ood pass"], ["base", "0.000", "0.0", "5.0", "0.000"],
+                     ["1", "0.500", "12.0", "4.0", "0.250"]]
 
 
 def test_resume_compares_settings_by_meaning(tmp_path, monkeypatch):
@@ -829,7 +872,8 @@ def test_settings_without_a_later_level_end_with_one_line(tmp_path, monkeypatch)
     with pytest.raises(SystemExit) as e:
         train.cli(run)
     second = games.level_seed("test", 0, 1)
-    assert e.value.code.startswith(f"error: line: no level of length 3 for seed {second}; the checks at the start built the first level")
+    assert e.value.code == (f"error: line: no level of length 3 for seed {second}; the checks at the start built the "
+                            "first level with these settings, but not this one")
 
 
 def test_eval_checks_the_split_it_plays(tmp_path, monkeypatch, capsys):
@@ -1993,6 +2037,28 @@ def test_a_closed_output_pipe_stops_with_one_line(tmp_path):
     assert proc.returncode == 1 and proc.stderr == "stopped: the program reading the output closed it\n"
 
 
+def test_a_closed_output_pipe_with_buffered_output_stops_with_one_line(monkeypatch):
+    """stdout's reader gone while output is still buffered (no PYTHONUNBUFFERED): one line, and Python's exit flush
+    (here: the flush after) raises no second BrokenPipeError."""
+    read, write = os.pipe()
+    os.close(read)
+    out = open(write, "w")
+    monkeypatch.setattr(sys, "stdout", out)
+
+    def main():
+        print("round 0 | step 001/004")  # buffered: the flush meets the closed pipe
+        sys.stdout.flush()
+
+    try:
+        with pytest.raises(SystemExit) as e:
+            train.cli(main)
+        assert e.value.code == "stopped: the program reading the output closed it"
+        out.flush()
+    finally:
+        monkeypatch.undo()
+        out.close()
+
+
 def test_a_full_disk_is_one_line(tmp_path, monkeypatch):
     """A full disk ends a run with one line (naming the file where the error does), whichever writer met it: Python's,
     torch.save's of the consolidation state (through a Python file, which raises OSError where a path raises a
@@ -2071,6 +2137,26 @@ def test_a_file_it_may_not_write_is_one_line(tmp_path, monkeypatch):
     assert e.value.code == f"error: {os.strerror(errno.EROFS)}: {beside.filename}"
     with pytest.raises(PermissionError):
         train.cli(lambda: (_ for _ in ()).throw(PermissionError(errno.EACCES, "denied")))
+
+
+def test_a_file_it_may_not_write_is_one_line_with_relative_paths(tmp_path, monkeypatch):
+    """A relative OEL_CACHE or file name still tells the cache from the run's files, and EPERM is one line like
+    EACCES."""
+    monkeypatch.chdir(tmp_path)
+
+    def code(err):
+        with pytest.raises(SystemExit) as e:
+            train.cli(lambda: (_ for _ in ()).throw(err))
+        return e.value.code
+
+    hint, ro = "; set OEL_CACHE to a folder you can write", os.strerror(errno.EROFS)
+    for cache, name in (("cache", "cache/textworld"), ("cache", str(tmp_path / "cache" / "textworld")),
+                        (str(tmp_path / "cache"), "cache/textworld")):
+        monkeypatch.setenv("OEL_CACHE", cache)
+        assert code(OSError(errno.EROFS, ro, name)) == f"error: {ro}: {name}{hint}"
+        assert code(OSError(errno.EROFS, ro, "runs/x/config.json")) == f"error: {ro}: runs/x/config.json"
+    perm = os.strerror(errno.EPERM)
+    assert code(PermissionError(errno.EPERM, perm, "runs/x/config.json")) == f"error: {perm}: runs/x/config.json"
 
 
 def test_out_of_gpu_memory_is_one_line_naming_what_to_lower(tmp_path, monkeypatch):
