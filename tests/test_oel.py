@@ -1484,6 +1484,79 @@ def test_eval_warns_of_empty_contexts_checks_the_whole_prompt_and_plots_both_set
     assert [list(line.get_ydata()) for line in length.lines] == [[5.0, 5.0]]
 
 
+def test_eval_reads_every_kind_of_knowledge_file_and_refuses_what_is_not_one(tmp_path):
+    """A .txt or .md knowledge file is one text and a pool.json its list of texts; --mode raw refuses each kind, and
+    --mode knowledge a .json other than a list of texts (an object, one string) and bytes that are not UTF-8."""
+    for name in ("k.txt", "k.md"):
+        (tmp_path / name).write_text(KNOWLEDGE)
+        assert evaluation.read_context("knowledge", str(tmp_path / name)) == [KNOWLEDGE]
+        with pytest.raises(SystemExit, match="holds knowledge; use --mode knowledge"):
+            evaluation.read_context("raw", str(tmp_path / name))
+    (tmp_path / "pool.json").write_text(json.dumps(["a", "b"]))
+    assert evaluation.read_context("knowledge", str(tmp_path / "pool.json")) == ["a", "b"]
+    for text in ('{"a": "b"}', '"ab"'):
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(SystemExit, match="a .json knowledge file is a list of texts"):
+            evaluation.read_context("knowledge", str(tmp_path / "bad.json"))
+    (tmp_path / "bin.md").write_bytes(b"\xff\xfe knowledge")
+    with pytest.raises(SystemExit, match="bin.md is not a knowledge context file"):
+        evaluation.read_context("knowledge", str(tmp_path / "bin.md"))
+
+
+def test_eval_writes_a_bare_out_name_here_with_its_seed_and_prints_both_files(tmp_path, monkeypatch, capsys):
+    """A bare --out file name is written in the working directory with its trajectories beside it (FILE.jsonl, also
+    for a name without .json); the result holds the seed its games were played with; the printed lines are its
+    metrics and the two files written."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", "tiny", "--n", "1", "--seed", "4", "--max_turns", "1", "--max_new_tokens", "1", "--out"]
+    levels = sorted(e.seed for e in games.make_games("frozenlake", "test", 1, seed=4))
+    for out in ("res.json", "res"):
+        capsys.readouterr()
+        evaluation.main(args + [out])
+        res, trajs = json.loads((tmp_path / out).read_text()), games.load_trajectories(tmp_path / "res.jsonl")
+        assert res["seed"] == 4 and sorted(t.seed for t in trajs) == levels
+        *_, metrics, wrote = capsys.readouterr().out.splitlines()  # after a warning: turns too few to win
+        assert json.loads(metrics) == games.metrics(trajs) == {k: res[k] for k in games.metrics(trajs)}
+        assert wrote == f"wrote {out} and its trajectories, res.jsonl"
+        (tmp_path / "res.jsonl").unlink()
+
+
+def test_eval_takes_n_up_to_max_games(tmp_path, monkeypatch):
+    """--n games.MAX_GAMES, the largest set, passes the checks and all of its games are played."""
+    monkeypatch.setattr(oel, "play", lambda *a, **k: sys.exit(f"plays {a[4]}"))
+    with pytest.raises(SystemExit, match=f"^plays {games.MAX_GAMES}$"):
+        evaluation.main(["--model", "tiny", "--n", str(games.MAX_GAMES), "--out", str(tmp_path / "r.json")])
+
+
+def test_eval_plots_a_run_without_an_ood_set(tmp_path, monkeypatch, capsys):
+    """--plot of a run without an OOD set (no ood_pass_rate) draws the test pass rate alone and saves RUN_DIR/metrics.png
+    without asking for --model, printing its path."""
+    import matplotlib.figure
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"round": r, "test_pass_rate": p,
+                                                                "test_tokens_per_turn": 5.0}) + "\n"
+                                                    for r, p in ((-1, 0.2), (0, 0.4))))
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, path, **kw: saved.append((self, path)))
+    evaluation.main(["--plot", str(tmp_path)])
+    (fig, path), = saved
+    assert [list(line.get_ydata()) for line in fig.axes[0].lines] == [[20, 40]]
+    assert path == str(tmp_path / "metrics.png") and capsys.readouterr().out == f"{path}\n"
+
+
+def test_eval_takes_no_run_settings_from_the_working_directory(tmp_path, monkeypatch):
+    """A Hub id or tiny is no run's checkpoint, even run from inside a run folder: it plays OELConfig's game, unless
+    --context lies in a run (its folder included: a knowledge file beside the run's config.json)."""
+    (tmp_path / "config.json").write_text(json.dumps({"game": "sokoban", "knowledge_budget": 300}))
+    monkeypatch.chdir(tmp_path)
+    for model, context, game in (("tiny", None, oel.OELConfig.game), ("Qwen/Qwen3-1.7B", None, oel.OELConfig.game),
+                                 ("tiny", "k.md", "sokoban")):
+        a = types.SimpleNamespace(model=model, context=context, split="test")
+        evaluation.fill_defaults(a)
+        assert a.game == game, (model, context)
+    assert evaluation.run_setting("knowledge_budget", "k.md") == 300
+
+
 def test_play_keeps_finished_batches(tiny, tmp_path, monkeypatch, capsys):
     """An interrupted rollout of a game set replays only its unfinished batch (saying so, and which batch it plays; a
     set of one batch is named without a number, after its split when it has no file), and gives the same
