@@ -74,6 +74,11 @@ def parse_args(argv=None):
     return oel.OELConfig(**{**preset, **given})
 
 
+def first_line(e):
+    """An exception's message cut to its first line ('' where it has none): errors from the Hub and torch run long."""
+    return (str(e).strip().splitlines() or [""])[0]
+
+
 def resolve_model(name, flag="--model"):
     """'tiny', a local checkpoint directory, or a Hub id fetched with huggingface_hub."""
     if name == "tiny" or os.path.isdir(name):
@@ -85,8 +90,7 @@ def resolve_model(name, flag="--model"):
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
     except Exception as e:
         local = f"there is no folder {name}, and " if os.path.isdir(name.split("/")[0]) else ""  # runs/typo
-        why = (str(e).strip().splitlines() or [""])[0]  # one line (the Hub's errors run to several)
-        raise SystemExit(f"error: {local}could not fetch {name!r} from the Hub ({type(e).__name__}: {why}); "
+        raise SystemExit(f"error: {local}could not fetch {name!r} from the Hub ({type(e).__name__}: {first_line(e)}); "
                          f"download it elsewhere and pass its directory to {flag}") from e
 
 
@@ -264,7 +268,7 @@ def cli(main, lower="--rollout_batch (games or samples generated at once) or --m
         # torch >= 2.8 raises an AcceleratorError for an OOM while a CUDA graph is recorded (pytorch#159594)
         accelerator = getattr(torch, "AcceleratorError", ())
         if isinstance(e, torch.cuda.OutOfMemoryError) or isinstance(e, accelerator) and "out of memory" in str(e):
-            why = (str(e).strip().splitlines() or [""])[0]  # torch's first line, where it gives one
+            why = first_line(e)
             sys.exit(f"error: out of GPU memory: lower {lower}" + (f" ({why})" if why else ""))
         if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and e.filename:
             cache = os.path.abspath(games.cache_dir())
