@@ -103,7 +103,7 @@ def check_args(p, a):
     if a.out and not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
         p.error(f"--out {a.out}: its folder does not exist")
     try:
-        check_game(a.game, a.options, a.max_turns, a.split, "--options")
+        check_game(a.game, a.options, a.max_turns, a.split, "--options", a.seed)
     except ValueError as e:
         p.error(str(e))
     return None if a.mode == "none" else read_context(a.mode, a.context)
@@ -240,7 +240,7 @@ def main(argv=None):
     path = resolve_model(a.model)
     directory, mc = checkpoint_or_exit("--model", path)
     tok = modeling.Tokenizer(directory)
-    obs = observation_tokens(tok, a.game, a.options, a.split)
+    obs = observation_tokens(tok, a.game, a.options, a.split, a.seed)
     need = (budget if a.mode != "none" else 0) + a.max_turns * obs + a.max_new_tokens  # context, observations, reply
     if need > mc.max_position_embeddings:
         p.error(f"context budget + turns need ~{need} tokens ({a.max_turns} observations of ~{obs}), more than the "

@@ -128,7 +128,7 @@ def check_settings(cfg):
         raise SystemExit(f"error: --seed {cfg.seed} is too large for the TextWorld --ood_game (at most "
                          f"{games.TW_MAX_SET}): {too_large}")
     try:
-        check_game(cfg.game, cfg.game_options, cfg.max_turns)
+        check_game(cfg.game, cfg.game_options, cfg.max_turns, seed=cfg.seed)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if cfg.n_ood and cfg.ood_game == cfg.game and oel.same_setting("game_options", cfg.game_options, "", cfg.game):
@@ -136,17 +136,18 @@ def check_settings(cfg):
                          "out-of-distribution set plays it): pass another --ood_game, or --n_ood 0")
 
 
-def check_game(game, options, max_turns, split="test", flag="--game_options"):
-    """Before any work, build the first level of `split` with these options and win it with the game's own solver,
-    through the action parser. A game registered wrongly, bad JSON, unknown or mistyped options, settings that admit
-    no level (the message names `flag`), and a solver or actions the rollouts could not play raise ValueError now
-    rather than mid-run; a level longer than max_turns is warned of (it cannot be won)."""
+def check_game(game, options, max_turns, split="test", flag="--game_options", seed=0):
+    """Before any work, build the first level of set `seed` of `split` (the run's own, so TextWorld generates no extra
+    game) with these options and win it with the game's own solver, through the action parser. A game registered
+    wrongly, bad JSON, unknown or mistyped options, settings that admit no level (the message names `flag`), and a
+    solver or actions the rollouts could not play raise ValueError now rather than mid-run; a level longer than
+    max_turns is warned of (it cannot be won)."""
     cls = games.ENVS.get(game)  # (an unknown game: make_games says so)
     if cls and (getattr(cls, "name", None) != game or not isinstance(getattr(cls, "instruction", None), str)):
         raise ValueError(f"games.ENVS[{game!r}] is {cls.__name__}: it needs name = {game!r} (trajectories carry it, "
                          "and consolidation rebuilds prompts from it) and an instruction string (see games.py)")
     try:
-        env = games.make_games(game, split, 1, **oel.game_settings(options))[0]  # ValueError: JSON, names, types, values
+        env = games.make_games(game, split, 1, seed, **oel.game_settings(options))[0]  # ValueError: JSON, names, types...
         env.reset()  # RuntimeError: no level with these settings (any other error is the game's bug: a traceback)
     except (ValueError, RuntimeError) as e:
         raise ValueError(f"{flag} {options!r} for {game}: {e}") from None
@@ -179,7 +180,7 @@ def check_checkpoints(cfg):
         raise SystemExit(f"error: --topk {cfg.topk} must be below the vocabulary size {mc.vocab_size} (0: the exact KL)")
     # the extraction prompt holds the knowledge, a whole trajectory (observations and responses) and the response
     for who, where, c in readers:
-        obs = observation_tokens(modeling.Tokenizer(where), cfg.game, cfg.game_options)
+        obs = observation_tokens(modeling.Tokenizer(where), cfg.game, cfg.game_options, seed=cfg.seed)
         need = cfg.knowledge_budget + cfg.max_turns * (obs + cfg.max_new_tokens) + cfg.extract_max_new_tokens
         if need > c.max_position_embeddings:
             raise SystemExit(f"error: knowledge budget + trajectory + response need ~{need} tokens ({cfg.max_turns} "
@@ -209,10 +210,10 @@ def make_out_dir(path):
         raise SystemExit(f"error: --out_dir {path}: {e}") from None
 
 
-def observation_tokens(tok, game, options, split="test"):
-    """Rough token count of one observation in a prompt, from the first level of `split`: its first observation, plus
-    the action and feedback around later ones; at least 512."""
-    env = games.make_games(game, split, 1, **oel.game_settings(options))[0]
+def observation_tokens(tok, game, options, split="test", seed=0):
+    """Rough token count of one observation in a prompt, from the first level of set `seed` of `split`: its first
+    observation, plus the action and feedback around later ones; at least 512."""
+    env = games.make_games(game, split, 1, seed, **oel.game_settings(options))[0]
     return max(512, len(tok.encode(games.first_observation(env))) + 64)
 
 

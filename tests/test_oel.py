@@ -852,6 +852,13 @@ def test_a_new_game_gets_its_instruction_options_and_checks(monkeypatch):
     monkeypatch.setitem(games.ENVS, "line", type("Closing", (Line,), dict(close=lambda self: closed.append(self.seed))))
     train.check_game("line", "", 5, split="ood")
     assert closed == [games.level_seed("ood", 0, 0)]  # the first level of the split asked for
+    closed.clear()  # train.py and eval.py check the first level of the set they play: --seed's
+    train.check_settings(train.parse_args(["--model", "tiny", "--game", "line", "--ood_game", "sokoban", "--seed", "7"]))
+    with pytest.raises(SystemExit):  # checked, then stopped where the model loads
+        evaluation.main(["--model", "not-loaded", "--game", "line", "--split", "ood", "--seed", "9"])
+    assert closed == [games.level_seed("test", 7, 0), games.level_seed("ood", 9, 0)]
+    train.observation_tokens(types.SimpleNamespace(encode=list), "line", "", "ood", seed=3)  # the context estimate too
+    assert closed[-1] == games.level_seed("ood", 3, 0)
     with pytest.raises(ValueError, match="unknown game 'chess'; choose from"):  # not a KeyError
         train.check_game("chess", "", 5)
 
