@@ -278,17 +278,12 @@ def test_impl_picks_the_path_and_chunks_are_as_asked(monkeypatch):
     fused_module = sys.modules["kernels.fused_linear_kl"]
     s, t = logits(3, 40, torch.float32)
     h_s, w_s, h_t, w_t = linear_inputs(11, 8, 40, torch.float32, tied=False)
-
-    def on(dev, *xs):  # Triton runs on DEV (interpreted on a CPU); the torch rows on CPU tensors
-        return [x.to(dev) for x in xs]
-
-    for module, call in ((kernels.kl, lambda impl, dev: kl_div(*on(dev, s, t), impl=impl)),
-                         (fused_module, lambda impl, dev: fused_linear_kl(*on(dev, h_s, w_s, h_t, w_t), impl=impl))):
+    for module, fn, args in ((kernels.kl, kl_div, (s, t)), (fused_module, fused_linear_kl, (h_s, w_s, h_t, w_t))):
         calls = record_rows_fn(monkeypatch, module)
-        call("triton", DEV)
+        on_device(fn)(*args, impl="triton")  # Triton on DEV (interpreted on a CPU)
         assert calls == []
-        call("torch", "cpu")
-        call(None, "cpu")
+        fn(*args, impl="torch")
+        fn(*args, impl=None)  # CPU tensors
         assert len(calls) == 2
     calls = record_rows_fn(monkeypatch, fused_module)
     fused_linear_kl(h_s, w_s, h_t, w_t, impl="torch", chunk_size=4)
